@@ -1,0 +1,261 @@
+"""A GPT language model in one file, importing only torch.
+
+The default configuration is GPT-2: learned position embeddings, pre-LayerNorm
+blocks, a GELU MLP and a weight-tied head, so OpenAI's GPT-2 weights load into it.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class GPTConfig:
+    """Architecture hyper-parameters; everything a checkpoint needs to rebuild the model."""
+
+    block_size: int = 1024
+    vocab_size: int = 50304  # GPT-2's 50257 padded up to a multiple of 64 for speed
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0
+    bias: bool = True  # biases in Linear layers and LayerNorms, as in GPT-2
+
+
+class KVCache:
+    """Keys and values of the positions already seen, so a new token costs one position."""
+
+    def __init__(self, n_layer: int, max_len: int) -> None:
+        self.n_layer, self.max_len = n_layer, max_len
+        self.k: torch.Tensor | None = None  # (n_layer, B, nh, max_len, hs), allocated on first use
+        self.v: torch.Tensor | None = None
+        self.length = 0  # positions filled so far
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v (B, nh, T, hs) after the cached positions; return all keys and values so far."""
+        if self.k is None:
+            B, nh, _, hs = k.shape
+            self.k = k.new_zeros(self.n_layer, B, nh, self.max_len, hs)
+            self.v = torch.zeros_like(self.k)
+        start, end = self.length, self.length + k.size(2)
+        self.k[layer, :, :, start:end] = k
+        self.v[layer, :, :, start:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def reset(self) -> None:
+        self.length = 0
+
+
+class CausalSelfAttention(nn.Module):
+    """All heads at once: one fused QKV projection, heads as a batch dimension."""
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        assert config.n_embd % config.n_head == 0
+        self.n_head, self.n_embd, self.dropout = config.n_head, config.n_embd, config.dropout
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        hs = C // self.n_head
+        q = q.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        past = 0
+        if cache is not None:
+            past = cache.length
+            k, v = cache.update(layer, k, v)  # (B, nh, past + T, hs)
+        if past == 0:
+            mask, causal = None, True  # the flash-attention path on GPUs
+        elif T == 1:
+            mask, causal = None, False  # one new query sees every cached position
+        else:  # a chunk after cached positions: query i sees keys up to past + i
+            mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
+            causal = False
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=causal, dropout_p=self.dropout if self.training else 0.0
+        )  # (B, nh, T, hs)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble the heads side by side
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    """Position-wise feed-forward network, 4x wide with GELU."""
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.gelu = nn.GELU()
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    """A pre-norm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), cache, layer)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    """The GPT language model: embeddings, a stack of blocks, a final norm and a tied head."""
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        assert config.vocab_size > 0 and config.block_size > 0
+        self.config = config
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(config.vocab_size, config.n_embd),
+                wpe=nn.Embedding(config.block_size, config.n_embd),
+                drop=nn.Dropout(config.dropout),
+                h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+                ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+            )
+        )
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        # Weight tying: the same matrix embeds tokens and scores them.
+        self.transformer.wte.weight = self.lm_head.weight
+        self.apply(self._init_weights)
+        # GPT-2 scales the projections into the residual stream by 1/sqrt(2 * n_layer),
+        # so the stream's variance does not grow with depth.
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def get_num_params(self, non_embedding: bool = True) -> int:
+        """Parameter count; by default without position embeddings (the tied token
+        embedding counts, since it is also the output layer)."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.transformer.wpe.weight.numel()
+        return n
+
+    def forward(
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """idx (B, T) token ids -> (logits, loss). Targets of -1 are left out of the loss.
+        Without targets only the last position's logits are computed, (B, 1, vocab)."""
+        B, T = idx.size()
+        past = cache.length if cache is not None else 0
+        if past + T > self.config.block_size:
+            raise ValueError(f"sequence of length {past + T} exceeds block_size {self.config.block_size}")
+        pos = torch.arange(past, past + T, dtype=torch.long, device=idx.device)  # (T,)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, cache, i)
+        x = self.transformer.ln_f(x)
+        if cache is not None:
+            cache.length += T
+        if targets is None:
+            return self.lm_head(x[:, [-1], :]), None  # (B, 1, vocab): sampling needs no more
+        logits = self.lm_head(x)  # (B, T, vocab)
+        return logits, masked_cross_entropy(logits, targets)
+
+    def crop_block_size(self, block_size: int) -> None:
+        """Shrink the context window, e.g. to finetune GPT-2 (1024) with a smaller block."""
+        assert 0 < block_size <= self.config.block_size
+        self.config.block_size = block_size
+        self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
+
+    def configure_optimizers(
+        self, weight_decay: float, learning_rate: float, betas: tuple[float, float], device_type: str
+    ) -> torch.optim.AdamW:
+        """AdamW decaying only matrices (>= 2-D); biases and norm gains are left alone."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        groups = [
+            {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        ]
+        fused = device_type in ("cuda", "cpu") and "fused" in inspect.signature(torch.optim.AdamW).parameters
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused or None)
+
+    def flops_per_token(self) -> float:
+        """Training FLOPs per token (forward + backward), as in the PaLM paper's appendix B."""
+        cfg = self.config
+        n, hs = self.get_num_params(), cfg.n_embd // cfg.n_head
+        return 6 * n + 12 * cfg.n_layer * cfg.n_head * hs * cfg.block_size
+
+    def estimate_mfu(self, tokens_per_sec: float, peak_flops: float) -> float:
+        """Model FLOPs utilisation: achieved training FLOP/s over the device's peak."""
+        return self.flops_per_token() * tokens_per_sec / peak_flops
+
+    @torch.no_grad()
+    def generate(
+        self,
+        idx: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        generator: torch.Generator | None = None,
+        use_cache: bool = True,
+    ) -> torch.Tensor:
+        """Continue idx (B, T) by max_new_tokens sampled tokens; temperature 0 is greedy.
+
+        With the KV cache each new token runs one position through the model. The context
+        is a window of at most block_size tokens; when it is full it restarts from the
+        newest block_size // 2 tokens (one forward pass over them), because learned
+        position embeddings are baked into the cached keys and cannot be shifted. So every
+        token sees between block_size // 2 and block_size tokens of context. use_cache=False
+        recomputes the same windows from scratch (the reference the cache is tested against).
+        """
+        block = self.config.block_size
+        keep = max(1, block // 2)
+        start = max(0, idx.size(1) - block)  # the window is idx[:, start:]
+        cache = KVCache(self.config.n_layer, block) if use_cache else None
+        for _ in range(max_new_tokens):
+            if idx.size(1) - start > block:
+                start = idx.size(1) - keep
+                if cache is not None:
+                    cache.reset()
+            if cache is not None:
+                logits, _ = self(idx[:, start + cache.length :], cache=cache)
+            else:
+                logits, _ = self(idx[:, start:])
+            logits = logits[:, -1, :].float()  # (B, vocab)
+            if temperature == 0:
+                idx_next = logits.argmax(dim=-1, keepdim=True)
+            else:
+                logits = logits / temperature
+                if top_k is not None:
+                    v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+                    logits[logits < v[:, [-1]]] = -float("inf")
+                probs = F.softmax(logits, dim=-1)
+                idx_next = torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1)
+            idx = torch.cat((idx, idx_next), dim=1)
+        return idx
+
+
+def masked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over the targets that are not -1 (0 when every target is masked)."""
+    flat = targets.reshape(-1)
+    total = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), flat, ignore_index=-1, reduction="sum")
+    return total / (flat != -1).sum().clamp(min=1)
