@@ -1,0 +1,94 @@
+"""Sample text from a trained model.
+
+    python sample.py --out_dir=out-shakespeare-char --start="ROMEO:" --num_samples=3
+
+Every key, its default and meaning: python sample.py --help
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+import checkpoint as ckpt_io
+import dataset as ds
+from configurator import UserError, cli_errors, load_config, opt
+from runtime import setup_runtime, teardown
+
+
+@dataclass
+class SampleConfig:
+    """Sampling configuration."""
+
+    out_dir: str = opt("out", "training output folder holding the checkpoint")
+    ckpt: str = opt("ckpt.pt", "checkpoint file inside out_dir (ckpt.pt = latest saved, best.pt = best val loss)")
+    start: str = opt("\n", "prompt text, or FILE:path to read it from a file")
+    num_samples: int = opt(10, "number of samples to draw")
+    max_new_tokens: int = opt(500, "tokens generated per sample")
+    temperature: float = opt(0.8, "1.0 = as trained, lower = more conservative, 0 = greedy")
+    top_k: int = opt(200, "sample only among the top_k most likely tokens; 0 = all")
+    seed: int = opt(1337, "random seed")
+    device: str = opt("auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
+    dtype: str = opt("auto", "auto, float32, bfloat16, float16")
+    compile: bool = opt(False, "torch.compile the forward pass (pays off only for long generations)")
+
+    def __post_init__(self) -> None:
+        for key in ("num_samples", "max_new_tokens"):
+            if getattr(self, key) <= 0:
+                raise UserError(f"{key} must be positive, got {getattr(self, key)}")
+        if self.temperature < 0:
+            raise UserError(f"temperature must not be negative, got {self.temperature}")
+        if self.top_k < 0:
+            raise UserError(f"top_k must not be negative, got {self.top_k}")
+
+
+def read_prompt(start: str) -> str:
+    if not start.startswith("FILE:"):
+        return start
+    path = Path(start[5:])
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"prompt file {path} not found") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read prompt file {path}: {e}") from None
+
+
+def sample(cfg: SampleConfig) -> list[str]:
+    """Load the checkpoint, draw cfg.num_samples continuations of the prompt, return them."""
+    rt = setup_runtime(cfg.device, cfg.dtype)
+    try:
+        path = Path(cfg.out_dir) / cfg.ckpt
+        state = ckpt_io.load_checkpoint(path)
+        model = ckpt_io.model_from_checkpoint(state, path).to(rt.device).eval()
+        meta = state.get("meta") or ds.load_meta(ds.dataset_dir(state["config"].get("dataset", "")))
+        encode, decode = ds.get_tokenizer(meta)
+        ids = encode(read_prompt(cfg.start))
+        if not ids:
+            raise UserError("the prompt is empty; give --start some text")
+        if cfg.compile:
+            model.forward = torch.compile(model.forward, dynamic=True)  # generate() calls it per token
+        torch.manual_seed(cfg.seed)
+        x = torch.tensor(ids, dtype=torch.long, device=rt.device)[None, ...]  # (1, T)
+        samples = []
+        with torch.no_grad(), rt.autocast():
+            for _ in range(cfg.num_samples):
+                y = model.generate(x, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k or None)
+                samples.append(decode(y[0].tolist()))
+                print(samples[-1])
+                print("---------------", flush=True)
+        return samples
+    finally:
+        teardown(rt)
+
+
+def main(argv: list[str] | None = None) -> None:
+    with cli_errors():
+        sample(load_config(SampleConfig, sys.argv[1:] if argv is None else argv))
+
+
+if __name__ == "__main__":
+    main()

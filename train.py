@@ -1,0 +1,478 @@
+"""Train a GPT, nanoGPT-style.
+
+    python train.py config/shakespeare_char.py --batch_size=32
+    torchrun --standalone --nproc_per_node=8 train.py config/train_gpt2.py
+
+Every key, its default and meaning: python train.py --help
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+import checkpoint as ckpt_io
+import dataset as ds
+from configurator import UserError, cli_errors, opt, read_overrides
+from model import GPT, GPTConfig
+from runtime import Runtime, peak_flops, setup_runtime, teardown
+
+ARCH_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size")
+
+
+@dataclass
+class TrainConfig:
+    """Training configuration: nanoGPT's keys and meanings, plus a few of our own."""
+
+    # I/O
+    out_dir: str = opt("out", "folder for checkpoints (ckpt.pt, best.pt) and metrics.jsonl")
+    eval_interval: int = opt(2000, "evaluate train/val loss every this many steps (and at the last)")
+    log_interval: int = opt(1, "print a log line every this many steps")
+    eval_iters: int = opt(200, "batches per loss estimate; 0 = the whole split")
+    eval_only: bool = opt(False, "estimate the losses once and exit, without training")
+    always_save_checkpoint: bool = opt(True, "write ckpt.pt at every eval, not only when val loss improves")
+    init_from: str = opt("scratch", "'scratch' or 'resume' (from out_dir/ckpt.pt)")
+    # wandb
+    wandb_log: bool = opt(False, "log metrics to Weights & Biases")
+    wandb_project: str = opt("gptsmith", "wandb project")
+    wandb_run_name: str = opt("run", "wandb run name")
+    # data
+    dataset: str = opt("shakespeare_char", "data/<dataset>/ with train.bin, val.bin (and meta.pkl), or a folder path")
+    gradient_accumulation_steps: int = opt(1, "micro-steps per optimizer step, summed over all processes")
+    batch_size: int = opt(12, "sequences per micro-step per process")
+    block_size: int = opt(1024, "context length in tokens")
+    sampler: str = opt("random", "'random' windows (nanoGPT) or 'epoch' (each window once per epoch)")
+    # model
+    n_layer: int = opt(12, "transformer blocks")
+    n_head: int = opt(12, "attention heads")
+    n_embd: int = opt(768, "embedding width")
+    dropout: float = opt(0.0, "dropout probability (0 for pretraining, 0.1+ for finetuning)")
+    bias: bool = opt(False, "biases in Linear and LayerNorm layers")
+    # optimizer
+    learning_rate: float = opt(6e-4, "peak learning rate")
+    max_iters: int = opt(600000, "optimizer steps to train for")
+    weight_decay: float = opt(1e-1, "AdamW weight decay on matrices")
+    beta1: float = opt(0.9, "AdamW beta1")
+    beta2: float = opt(0.95, "AdamW beta2")
+    grad_clip: float = opt(1.0, "clip the gradient norm to this; 0 = no clipping")
+    skip_nonfinite: bool = opt(False, "skip steps with a non-finite loss or gradient instead of stopping")
+    # learning rate schedule
+    decay_lr: bool = opt(True, "warm up, then cosine-decay the learning rate; False = constant")
+    warmup_iters: int = opt(2000, "linear warmup steps")
+    lr_decay_iters: int = opt(600000, "step at which the decay reaches min_lr (usually max_iters)")
+    min_lr: float = opt(6e-5, "learning rate at the end of the decay (about learning_rate / 10)")
+    # system
+    backend: str = opt("auto", "torch.distributed backend: auto (nccl on CUDA, gloo on CPU), nccl, gloo")
+    device: str = opt("auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
+    dtype: str = opt("auto", "auto (bfloat16 where supported, float16 on older GPUs, float32 on CPU), float32, bfloat16, float16")
+    compile: bool = opt(True, "torch.compile the model (PyTorch 2)")
+    seed: int = opt(1337, "seed for initialisation, dropout and the data order")
+    peak_flops: float = opt(0.0, "device peak FLOP/s for MFU; 0 = known GPU table or a measured matmul")
+
+    def __post_init__(self) -> None:
+        positive = ["eval_interval", "log_interval", "gradient_accumulation_steps", "batch_size", "block_size",
+                    "n_layer", "n_head", "n_embd"]  # fmt: skip
+        for key in positive:
+            if getattr(self, key) <= 0:
+                raise UserError(f"{key} must be positive, got {getattr(self, key)}")
+        for key in ("eval_iters", "max_iters", "warmup_iters", "lr_decay_iters", "weight_decay", "grad_clip", "min_lr"):
+            if getattr(self, key) < 0:
+                raise UserError(f"{key} must not be negative, got {getattr(self, key)}")
+        if not self.learning_rate > 0:
+            raise UserError(f"learning_rate must be positive, got {self.learning_rate}")
+        if self.min_lr > self.learning_rate:
+            raise UserError(f"min_lr ({self.min_lr}) is above learning_rate ({self.learning_rate}); lower min_lr")
+        if not 0.0 <= self.dropout < 1.0:
+            raise UserError(f"dropout must be in [0, 1), got {self.dropout}")
+        for key in ("beta1", "beta2"):
+            if not 0.0 <= getattr(self, key) < 1.0:
+                raise UserError(f"{key} must be in [0, 1), got {getattr(self, key)}")
+        if self.n_embd % self.n_head:
+            raise UserError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if self.init_from not in ("scratch", "resume"):
+            raise UserError(f"init_from must be 'scratch' or 'resume', got {self.init_from!r}")
+        if self.sampler not in ("random", "epoch"):
+            raise UserError(f"sampler must be 'random' or 'epoch', got {self.sampler!r}")
+        if self.backend not in ("auto", "nccl", "gloo"):
+            raise UserError(f"backend must be auto, nccl or gloo, got {self.backend!r}")
+
+
+class Interrupted(Exception):
+    """Training stopped by SIGINT/SIGTERM after saving a checkpoint; exit code 128 + signal."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"stopped by {signal.Signals(signum).name}")
+        self.signum = signum
+
+
+def get_lr(it: int, cfg: TrainConfig) -> float:
+    """Learning rate at step it: linear warmup (nonzero at step 0), cosine decay to min_lr."""
+    if not cfg.decay_lr:
+        return cfg.learning_rate
+    if it < cfg.warmup_iters:
+        return cfg.learning_rate * (it + 1) / (cfg.warmup_iters + 1)
+    if it >= cfg.lr_decay_iters:
+        return cfg.min_lr
+    ratio = (it - cfg.warmup_iters) / (cfg.lr_decay_iters - cfg.warmup_iters)
+    coeff = 0.5 * (1.0 + math.cos(math.pi * ratio))  # 1 -> 0
+    return cfg.min_lr + coeff * (cfg.learning_rate - cfg.min_lr)
+
+
+@torch.no_grad()
+def estimate_loss(model: torch.nn.Module, splits: dict[str, np.ndarray], offsets: dict[str, np.ndarray],
+                  rt: Runtime, block_size: int) -> dict[str, float]:  # fmt: skip
+    """Mean loss per split over its fixed eval batches; batches are shared out over ranks."""
+    model.eval()
+    out = {}
+    for split, data in splits.items():
+        total = torch.zeros(2, dtype=torch.float64, device=rt.device)  # (loss * tokens, tokens)
+        for i in range(rt.rank, len(offsets[split]), rt.world_size):
+            x, y = ds.get_batch(data, offsets[split][i], block_size, rt.device)
+            with rt.autocast():
+                _, loss = model(x, y)
+            n = (y != -1).sum()
+            total += torch.stack([loss.double() * n, n.double()])
+        if rt.distributed:
+            torch.distributed.all_reduce(total)
+        out[split] = (total[0] / total[1]).item()
+    model.train()
+    return out
+
+
+class MetricsLog:
+    """metrics.jsonl (one JSON object per line) and, optionally, wandb."""
+
+    def __init__(self, out_dir: Path, enabled: bool, cfg: TrainConfig) -> None:
+        self.path, self.enabled, self.wandb = out_dir / "metrics.jsonl", enabled, None
+        if enabled and cfg.wandb_log:
+            try:
+                import wandb
+            except ImportError:
+                raise UserError("wandb_log=True but wandb is not installed: pip install wandb") from None
+            try:
+                self.wandb = wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name, config=dataclasses.asdict(cfg))
+            except Exception as e:  # not logged in, no network: wandb raises its own types
+                raise UserError(f"wandb could not start ({e}); run `wandb login` or set WANDB_MODE=offline") from None
+
+    def write(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in record.items() if k != "iter"}, step=record["iter"])
+
+    def close(self) -> None:
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def _signal_catcher() -> tuple[list[int], dict[int, Any]]:
+    """SIGINT/SIGTERM set a flag the loop checks after each step (main thread only)."""
+    caught: list[int] = []
+    previous: dict[int, Any] = {}
+    if hasattr(signal, "SIGTERM") and _in_main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, lambda signum, frame: _on_signal(caught, signum))
+    return caught, previous
+
+
+def _on_signal(caught: list[int], signum: int) -> None:
+    caught.append(signum)
+    if len(caught) > 1:  # a second Ctrl-C means: stop now, without the checkpoint
+        raise KeyboardInterrupt
+
+
+def _in_main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _resume_state(cfg: TrainConfig, explicit: set[str], out_dir: Path) -> tuple[TrainConfig, dict[str, Any]]:
+    """Load out_dir/ckpt.pt; its architecture (and seed) win unless set explicitly, and an
+    explicit architecture key that disagrees with it is an error."""
+    path = out_dir / "ckpt.pt"
+    if not path.exists():
+        raise UserError(f"init_from=resume but there is no checkpoint at {path}; train with init_from=scratch first")
+    state = ckpt_io.load_checkpoint(path)
+    changes = {}
+    for key, value in state["model_args"].items():
+        if key in ARCH_KEYS[:-1] or key == "dropout":
+            if key in explicit and getattr(cfg, key) != value and key != "dropout":
+                raise UserError(f"--{key}={getattr(cfg, key)} conflicts with the checkpoint's {key}={value}; drop the override to resume")
+            if key not in explicit:
+                changes[key] = value
+    if "seed" not in explicit and "seed" in state["config"]:
+        changes["seed"] = state["config"]["seed"]
+    return dataclasses.replace(cfg, **changes), state
+
+
+def train(cfg: TrainConfig, explicit: set[str] | frozenset[str] = frozenset()) -> dict[str, Any]:
+    """Run training (or eval_only) as cfg says; return the final metrics.
+
+    explicit names the keys the user set on the command line or in config files; on resume
+    the checkpoint's architecture wins over defaults but must agree with explicit keys.
+    """
+    rt = setup_runtime(cfg.device, cfg.dtype, cfg.backend)
+    try:
+        return _train(cfg, set(explicit), rt)
+    finally:
+        teardown(rt)
+
+
+def _train(cfg: TrainConfig, explicit: set[str], rt: Runtime) -> dict[str, Any]:
+    out_dir = Path(cfg.out_dir)
+    state = None
+    if cfg.init_from == "resume":
+        cfg, state = _resume_state(cfg, explicit, out_dir)
+    if cfg.gradient_accumulation_steps % rt.world_size:
+        raise UserError(
+            f"gradient_accumulation_steps ({cfg.gradient_accumulation_steps}) must be divisible by the "
+            f"world size ({rt.world_size}); use a multiple of {rt.world_size}"
+        )
+    micro_per_rank = cfg.gradient_accumulation_steps // rt.world_size
+
+    # Data: check everything before any work starts.
+    folder = ds.dataset_dir(cfg.dataset)
+    meta = ds.load_meta(folder)
+    vocab_size = meta["vocab_size"] if meta else ds.GPT2_VOCAB_SIZE
+    if state is not None:
+        vocab_size = state["model_args"]["vocab_size"]
+    splits = {s: ds.open_split(folder, s, cfg.dataset, vocab_size) for s in ("train", "val")}
+    for split, data in splits.items():
+        if len(data) <= cfg.block_size + 1:
+            raise UserError(f"block_size ({cfg.block_size}) is not shorter than the {split} split ({len(data)} tokens); lower block_size")
+    sampler = ds.BatchSampler(len(splits["train"]), cfg.block_size, cfg.batch_size, cfg.gradient_accumulation_steps,
+                              cfg.seed, cfg.sampler)  # fmt: skip
+    eval_offsets = {s: ds.eval_offsets(len(d), cfg.block_size, cfg.batch_size, cfg.eval_iters) for s, d in splits.items()}
+
+    # Output folder: must be writable before we spend time training.
+    if rt.master:
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            probe = out_dir / f".write-test-{os.getpid()}"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as e:
+            raise UserError(f"out_dir {out_dir} is not writable: {e.strerror}") from None
+
+    # Model.
+    torch.manual_seed(cfg.seed + rt.rank)
+    model_args = dict(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, block_size=cfg.block_size,
+                      bias=cfg.bias, vocab_size=vocab_size, dropout=cfg.dropout)  # fmt: skip
+    model = GPT(GPTConfig(**model_args))
+    if state is not None:
+        ckpt_io.load_weights(model, state["model"], out_dir / "ckpt.pt")
+    model.to(rt.device)
+    if rt.master and not cfg.eval_only:
+        n_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        ckpt_io.check_free_space(out_dir, 2 * 3 * n_bytes)  # ckpt.pt + best.pt, each weights + 2 Adam moments
+
+    scaler = rt.grad_scaler()
+    optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), rt.device_type)
+    iter_num, best_val_loss, best_iter = 0, float("inf"), None
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        if "scaler" in state:
+            scaler.load_state_dict(state["scaler"])
+        iter_num, best_val_loss = state["iter_num"], state.get("best_val_loss", float("inf"))
+        best_iter = state.get("best_iter")
+        if "rng" in state:
+            rngs = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]
+            if len(rngs) == rt.world_size:  # another world size cannot continue the same dropout streams
+                ckpt_io.set_rng_state(rngs[rt.rank])
+    raw_model = model
+    if cfg.compile:
+        model = torch.compile(model)
+    if rt.distributed:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        model = DDP(model, device_ids=[rt.local_rank] if rt.device_type == "cuda" else None)
+
+    tokens_per_step = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
+    peak = peak_flops(rt, cfg.peak_flops)
+    log = MetricsLog(out_dir, rt.master, cfg)
+    if rt.master:
+        _banner(cfg, raw_model, rt, tokens_per_step, micro_per_rank, splits)
+        print(f"peak: {peak / 1e12:.3g} TFLOP/s ({'configured' if cfg.peak_flops else 'datasheet or measured'}), "
+              f"{raw_model.flops_per_token() / 1e6:.3g} MFLOP per token")
+
+    def save(path: Path, evaluated: bool) -> None:
+        """Collective: every rank hands over its RNG state, rank 0 writes the file."""
+        rngs = [ckpt_io.rng_state()]
+        if rt.distributed:
+            rngs = [None] * rt.world_size
+            torch.distributed.all_gather_object(rngs, ckpt_io.rng_state())
+        if not rt.master:
+            return
+        ckpt_io.save_checkpoint(
+            {
+                "model": raw_model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict(),
+                "model_args": model_args,
+                "iter_num": iter_num,
+                "best_val_loss": best_val_loss,
+                "best_iter": best_iter,
+                "config": dataclasses.asdict(cfg),
+                "meta": meta,  # the vocabulary, so sample.py decodes without the dataset folder
+                "rng": rngs,
+                "evaluated": evaluated,  # whether the eval at iter_num is done (resume skips it then)
+            },
+            path,
+        )
+
+    caught, previous = _signal_catcher()
+    t_start = time.time()
+    t_last = time.perf_counter()
+    last: dict[str, Any] = {}
+    tokens_seen = iter_num * tokens_per_step
+    first_iter = iter_num
+    losses: dict[str, float] = {}
+    try:
+        while True:
+            lr = get_lr(iter_num, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            resumed_here = state is not None and iter_num == first_iter and state.get("evaluated") and not cfg.eval_only
+            if (iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters or cfg.eval_only) and not resumed_here:
+                losses = estimate_loss(model, splits, eval_offsets, rt, cfg.block_size)
+                improved = losses["val"] < best_val_loss
+                if improved:
+                    best_val_loss, best_iter = losses["val"], iter_num
+                if rt.master:
+                    print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+                    log.write({"iter": iter_num, "train_loss": losses["train"], "val_loss": losses["val"], "lr": lr,
+                               "tokens_seen": tokens_seen, "elapsed_s": round(time.time() - t_start, 3)})  # fmt: skip
+                if iter_num > 0 and not cfg.eval_only:
+                    if cfg.always_save_checkpoint or improved:
+                        save(out_dir / "ckpt.pt", evaluated=True)
+                    if improved:
+                        save(out_dir / "best.pt", evaluated=True)
+                if rt.distributed:
+                    torch.distributed.barrier()  # no rank races past a checkpoint being written
+                t_last = time.perf_counter()  # evaluation time is not training time
+            if iter_num >= cfg.max_iters or cfg.eval_only:
+                break
+
+            loss_sum = torch.zeros((), device=rt.device)
+            for micro in range(micro_per_rank):
+                offsets = sampler.offsets(iter_num, rt.rank * micro_per_rank + micro)
+                x, y = ds.get_batch(splits["train"], offsets, cfg.block_size, rt.device)
+                sync = micro == micro_per_rank - 1
+                no_sync = model.no_sync() if rt.distributed and not sync else nullcontext()
+                with no_sync, rt.autocast():
+                    _, loss = model(x, y)
+                    loss = loss / micro_per_rank  # each rank averages its micro-steps; DDP averages ranks
+                loss_sum += loss.detach()
+                with no_sync:
+                    scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip or float("inf"))
+            if rt.distributed:
+                torch.distributed.all_reduce(loss_sum, op=torch.distributed.ReduceOp.AVG)
+            finite = math.isfinite(loss_sum.item()) and (scaler.is_enabled() or math.isfinite(grad_norm.item()))
+            if not finite and not cfg.skip_nonfinite:
+                raise UserError(
+                    f"non-finite loss or gradient at step {iter_num} (loss {loss_sum.item()}); "
+                    "the last good checkpoint is untouched. Lower learning_rate, or set skip_nonfinite=True"
+                )
+            if finite:
+                scaler.step(optimizer)
+                scaler.update()
+            elif rt.master:
+                print(f"step {iter_num}: skipped (non-finite loss or gradient)")
+            optimizer.zero_grad(set_to_none=True)
+            iter_num += 1
+            tokens_seen += tokens_per_step
+
+            if iter_num % cfg.log_interval == 0 and rt.master:
+                now = time.perf_counter()
+                dt = (now - t_last) / cfg.log_interval
+                t_last = now
+                tps = tokens_per_step / dt
+                mfu = raw_model.estimate_mfu(tps / rt.world_size, peak)
+                step_loss = loss_sum.item()
+                eta = (cfg.max_iters - iter_num) * dt
+                print(f"iter {iter_num}: loss {step_loss:.4f}, lr {lr:.2e}, time {dt * 1000:.2f}ms, "
+                      f"{tps:,.0f} tok/s, mfu {mfu * 100:.2f}%, eta {_duration(eta)}")  # fmt: skip
+                last = {"iter": iter_num, "loss": step_loss, "lr": lr, "tokens_per_sec": tps, "mfu": mfu}
+                log.write(last)
+            if caught:
+                save(out_dir / "ckpt.pt", evaluated=False)
+                if rt.master:
+                    print(f"caught {signal.Signals(caught[0]).name}: saved {out_dir / 'ckpt.pt'} at step {iter_num}")
+                if rt.distributed:
+                    torch.distributed.barrier()
+                raise Interrupted(caught[0])
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        log.close()
+
+    elapsed = time.time() - t_start
+    steps = iter_num - first_iter
+    summary = {
+        "iter": iter_num,
+        "train_loss": losses.get("train"),
+        "val_loss": losses.get("val"),
+        "best_val_loss": best_val_loss,
+        "best_iter": best_iter,
+        "tokens_seen": tokens_seen,
+        "elapsed_s": elapsed,
+        "tokens_per_sec": steps * tokens_per_step / elapsed if steps else 0.0,
+        "loss": last.get("loss"),
+        "mfu": last.get("mfu"),
+        "checkpoint": str(out_dir / "ckpt.pt"),
+    }
+    if rt.master and not cfg.eval_only:
+        print(f"done: {steps} steps in {_duration(elapsed)}, best val loss {best_val_loss:.4f} (step {best_iter}); "
+              f"sample with: python sample.py --out_dir={cfg.out_dir}")  # fmt: skip
+    return summary
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    h, m, s = seconds // 3600, seconds // 60 % 60, seconds % 60
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
+
+
+def _banner(cfg: TrainConfig, model: GPT, rt: Runtime, tokens_per_step: int, micro_per_rank: int,
+            splits: dict[str, np.ndarray]) -> None:  # fmt: skip
+    changed = [f"{f.name}={getattr(cfg, f.name)!r}" for f in dataclasses.fields(cfg)
+               if getattr(cfg, f.name) != f.default]  # fmt: skip
+    print("config:", ", ".join(changed) or "defaults")
+    n_all, n_body = model.get_num_params(non_embedding=False), model.get_num_params()
+    print(f"model: {n_all / 1e6:.2f}M parameters ({n_body / 1e6:.2f}M without position embeddings)")
+    print(f"device: {rt.device}, dtype: {rt.dtype}, world size: {rt.world_size}, "
+          f"tokens per step: {tokens_per_step:,} ({micro_per_rank} micro-steps per rank)")  # fmt: skip
+    print("data: " + ", ".join(f"{s} {len(d):,} tokens" for s, d in splits.items()))
+
+
+def main(argv: list[str] | None = None) -> None:
+    with cli_errors():
+        argv = sys.argv[1:] if argv is None else argv
+        explicit = read_overrides(TrainConfig, argv)
+        cfg = TrainConfig(**explicit)
+        try:
+            train(cfg, set(explicit))
+        except Interrupted as e:
+            print(f"{e}; resume with --init_from=resume", file=sys.stderr)
+            sys.exit(128 + e.signum)
+
+
+if __name__ == "__main__":
+    main()
