@@ -163,5 +163,7 @@ def help_text(cls: type) -> str:
     width = max(len(f.name) for f in fields)
     for f in fields:
         default = f.default if f.default is not dataclasses.MISSING else None
-        lines.append(f"  --{f.name:<{width}}  {f.metadata.get('help', '')} [{_type_name(types_[f.name])}, default {default!r}]")
+        lines.append(
+            f"  --{f.name:<{width}}  {f.metadata.get('help', '')} [{_type_name(types_[f.name])}, default {default!r}]"
+        )
     return "\n".join(lines)

@@ -9,9 +9,9 @@ run or a run on more processes sees exactly the same data.
 from __future__ import annotations
 
 import pickle
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -64,7 +64,9 @@ def open_split(folder: Path, split: str, dataset: str, vocab_size: int) -> np.me
     if size == 0:
         raise UserError(f"{path} is empty; {prepare_hint(dataset)}")
     if size % 2:
-        raise UserError(f"{path} has an odd number of bytes, so it is not uint16 tokens (truncated?); {prepare_hint(dataset)}")
+        raise UserError(
+            f"{path} has an odd number of bytes, so it is not uint16 tokens (truncated?); {prepare_hint(dataset)}"
+        )
     data = np.memmap(path, dtype=np.uint16, mode="r")
     if len(data) <= FULL_SCAN_LIMIT:
         check_token_ids(data, vocab_size, str(path))
@@ -74,7 +76,9 @@ def open_split(folder: Path, split: str, dataset: str, vocab_size: int) -> np.me
 def check_token_ids(tokens: np.ndarray, vocab_size: int, where: str) -> None:
     top = int(tokens.max())
     if top >= vocab_size:
-        raise UserError(f"{where} holds token id {top} but vocab_size is {vocab_size}; the data and its meta.pkl disagree")
+        raise UserError(
+            f"{where} holds token id {top} but vocab_size is {vocab_size}; the data and its meta.pkl disagree"
+        )
 
 
 @dataclass

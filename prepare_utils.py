@@ -88,7 +88,9 @@ def write_splits(out_dir: Path, splits: dict[str, Sequence[int]], meta: dict[str
     return {split: len(arr) for split, arr in arrays.items()}
 
 
-def run_prepare(prepare: Callable[[str | None, Path], dict[str, int]], script_dir: Path, argv: list[str] | None) -> None:
+def run_prepare(
+    prepare: Callable[[str | None, Path], dict[str, int]], script_dir: Path, argv: list[str] | None
+) -> None:
     """The main() of a prepare script: options, errors as one line, exit code 2."""
     with cli_errors():
         cfg = load_config(PrepareConfig, argv)

@@ -118,7 +118,9 @@ def setup_runtime(device: str = "auto", dtype: str = "auto", backend: str = "aut
         if backend == "auto":
             backend = "nccl" if dev.startswith("cuda") else "gloo"
         if not torch.distributed.is_initialized():
-            torch.distributed.init_process_group(backend=backend, device_id=torch.device(dev) if dev.startswith("cuda") else None)
+            torch.distributed.init_process_group(
+                backend=backend, device_id=torch.device(dev) if dev.startswith("cuda") else None
+            )
         rt = Runtime(dev, resolve_dtype(dtype, dev), rank, local_rank, world_size)
     if rt.device_type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 tensor cores for float32 matmuls

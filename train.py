@@ -76,7 +76,9 @@ class TrainConfig:
     # system
     backend: str = opt("auto", "torch.distributed backend: auto (nccl on CUDA, gloo on CPU), nccl, gloo")
     device: str = opt("auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
-    dtype: str = opt("auto", "auto (bfloat16 where supported, float16 on older GPUs, float32 on CPU), float32, bfloat16, float16")
+    dtype: str = opt(
+        "auto", "auto (bfloat16 where supported, float16 on older GPUs, float32 on CPU), float32, bfloat16, float16"
+    )
     compile: bool = opt(True, "torch.compile the model (PyTorch 2)")
     seed: int = opt(1337, "seed for initialisation, dropout and the data order")
     peak_flops: float = opt(0.0, "device peak FLOP/s for MFU; 0 = known GPU table or a measured matmul")
@@ -162,7 +164,9 @@ class MetricsLog:
             except ImportError:
                 raise UserError("wandb_log=True but wandb is not installed: pip install wandb") from None
             try:
-                self.wandb = wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name, config=dataclasses.asdict(cfg))
+                self.wandb = wandb.init(
+                    project=cfg.wandb_project, name=cfg.wandb_run_name, config=dataclasses.asdict(cfg)
+                )
             except Exception as e:  # not logged in, no network: wandb raises its own types
                 raise UserError(f"wandb could not start ({e}); run `wandb login` or set WANDB_MODE=offline") from None
 
@@ -212,7 +216,9 @@ def _resume_state(cfg: TrainConfig, explicit: set[str], out_dir: Path) -> tuple[
     for key, value in state["model_args"].items():
         if key in ARCH_KEYS[:-1] or key == "dropout":
             if key in explicit and getattr(cfg, key) != value and key != "dropout":
-                raise UserError(f"--{key}={getattr(cfg, key)} conflicts with the checkpoint's {key}={value}; drop the override to resume")
+                raise UserError(
+                    f"--{key}={getattr(cfg, key)} conflicts with the checkpoint's {key}={value}; drop the override to resume"
+                )
             if key not in explicit:
                 changes[key] = value
     if "seed" not in explicit and "seed" in state["config"]:
@@ -254,10 +260,14 @@ def _train(cfg: TrainConfig, explicit: set[str], rt: Runtime) -> dict[str, Any]:
     splits = {s: ds.open_split(folder, s, cfg.dataset, vocab_size) for s in ("train", "val")}
     for split, data in splits.items():
         if len(data) <= cfg.block_size + 1:
-            raise UserError(f"block_size ({cfg.block_size}) is not shorter than the {split} split ({len(data)} tokens); lower block_size")
+            raise UserError(
+                f"block_size ({cfg.block_size}) is not shorter than the {split} split ({len(data)} tokens); lower block_size"
+            )
     sampler = ds.BatchSampler(len(splits["train"]), cfg.block_size, cfg.batch_size, cfg.gradient_accumulation_steps,
                               cfg.seed, cfg.sampler)  # fmt: skip
-    eval_offsets = {s: ds.eval_offsets(len(d), cfg.block_size, cfg.batch_size, cfg.eval_iters) for s, d in splits.items()}
+    eval_offsets = {
+        s: ds.eval_offsets(len(d), cfg.block_size, cfg.batch_size, cfg.eval_iters) for s, d in splits.items()
+    }
 
     # Output folder: must be writable before we spend time training.
     if rt.master:
@@ -307,8 +317,10 @@ def _train(cfg: TrainConfig, explicit: set[str], rt: Runtime) -> dict[str, Any]:
     log = MetricsLog(out_dir, rt.master, cfg)
     if rt.master:
         _banner(cfg, raw_model, rt, tokens_per_step, micro_per_rank, splits)
-        print(f"peak: {peak / 1e12:.3g} TFLOP/s ({'configured' if cfg.peak_flops else 'datasheet or measured'}), "
-              f"{raw_model.flops_per_token() / 1e6:.3g} MFLOP per token")
+        print(
+            f"peak: {peak / 1e12:.3g} TFLOP/s ({'configured' if cfg.peak_flops else 'datasheet or measured'}), "
+            f"{raw_model.flops_per_token() / 1e6:.3g} MFLOP per token"
+        )
 
     def save(path: Path, evaluated: bool) -> None:
         """Collective: every rank hands over its RNG state, rank 0 writes the file."""

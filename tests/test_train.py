@@ -1,0 +1,299 @@
+"""Training end to end on the tiny Shakespeare text: schedule, metrics, checkpoints, resume, errors."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import ROOT
+
+import checkpoint as ckpt_io
+from configurator import UserError
+from sample import SampleConfig, sample
+from train import TrainConfig, get_lr, train
+
+
+def read_metrics(out_dir: str | Path) -> tuple[list[dict], list[dict]]:
+    """(log records, eval records) from metrics.jsonl."""
+    records = [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in records if "loss" in r], [r for r in records if "val_loss" in r]
+
+
+# --- learning-rate schedule ------------------------------------------------------------------
+
+
+def test_lr_schedule_boundaries():
+    cfg = TrainConfig(learning_rate=1e-3, min_lr=1e-4, warmup_iters=10, lr_decay_iters=100)
+    assert get_lr(0, cfg) == pytest.approx(1e-3 / 11)  # nonzero at the first step
+    assert get_lr(9, cfg) == pytest.approx(1e-3 * 10 / 11)
+    assert get_lr(10, cfg) == pytest.approx(1e-3)  # peak right after warmup
+    assert get_lr(55, cfg) == pytest.approx((1e-3 + 1e-4) / 2)  # cosine midpoint
+    assert get_lr(100, cfg) == pytest.approx(1e-4)
+    assert get_lr(10_000, cfg) == pytest.approx(1e-4)
+    lrs = [get_lr(i, cfg) for i in range(10, 101)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+    assert get_lr(0, TrainConfig(learning_rate=2e-4, min_lr=0.0, decay_lr=False)) == 2e-4
+
+
+def test_lr_schedule_without_warmup():
+    cfg = TrainConfig(learning_rate=1e-3, min_lr=1e-4, warmup_iters=0, lr_decay_iters=10)
+    assert get_lr(0, cfg) == pytest.approx(1e-3)
+    assert get_lr(10, cfg) == pytest.approx(1e-4)
+
+
+# --- a tiny run end to end -------------------------------------------------------------------
+
+
+def test_train_writes_checkpoint_and_metrics(tiny_cfg):
+    cfg = tiny_cfg(max_iters=30, lr_decay_iters=30, eval_interval=10)
+    summary = train(cfg)
+    out = Path(cfg.out_dir)
+    logs, evals = read_metrics(out)
+
+    assert summary["iter"] == 30 and [r["iter"] for r in logs] == list(range(1, 31))  # exactly max_iters steps
+    assert [r["iter"] for r in evals] == [0, 10, 20, 30]
+    assert set(logs[0]) >= {"iter", "loss", "lr", "tokens_per_sec", "mfu"}
+    assert set(evals[0]) >= {"iter", "train_loss", "val_loss", "lr", "tokens_seen", "elapsed_s"}
+    assert evals[-1]["tokens_seen"] == 30 * cfg.batch_size * cfg.block_size
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 0.5  # it learns
+    assert evals[0]["val_loss"] == pytest.approx(math.log(65), abs=0.3)
+
+    state = ckpt_io.load_checkpoint(out / "ckpt.pt")
+    assert state["iter_num"] == 30
+    assert not any(k.startswith("_orig_mod.") for k in state["model"])
+    assert state["model_args"]["vocab_size"] == 65  # from meta.pkl
+    assert state["config"]["n_embd"] == 32
+    assert state["best_val_loss"] == pytest.approx(min(r["val_loss"] for r in evals[1:]))
+    assert (out / "best.pt").exists()
+
+
+def test_best_val_loss_never_gets_worse(tiny_cfg):
+    # A large learning rate late in training makes val loss go up again: best must not follow it.
+    cfg = tiny_cfg(max_iters=40, lr_decay_iters=40, eval_interval=5, learning_rate=0.05, min_lr=0.05, warmup_iters=0)
+    train(cfg)
+    _, evals = read_metrics(cfg.out_dir)
+    state = ckpt_io.load_checkpoint(Path(cfg.out_dir) / "ckpt.pt")
+    best = min(r["val_loss"] for r in evals[1:])
+    assert state["best_val_loss"] == pytest.approx(best)
+    best_state = ckpt_io.load_checkpoint(Path(cfg.out_dir) / "best.pt")
+    assert best_state["best_val_loss"] == pytest.approx(best)
+    assert best_state["iter_num"] == next(r["iter"] for r in evals if r["val_loss"] == best)
+
+
+def test_always_save_checkpoint_false_keeps_best(tiny_cfg):
+    cfg = tiny_cfg(max_iters=40, lr_decay_iters=40, eval_interval=5, learning_rate=0.05, min_lr=0.05, warmup_iters=0)
+    train(dataclasses_replace(cfg, always_save_checkpoint=False))
+    _, evals = read_metrics(cfg.out_dir)
+    state = ckpt_io.load_checkpoint(Path(cfg.out_dir) / "ckpt.pt")
+    best_iter = min(evals[1:], key=lambda r: r["val_loss"])["iter"]
+    assert state["iter_num"] == best_iter
+
+
+def dataclasses_replace(cfg, **kw):
+    import dataclasses
+
+    return dataclasses.replace(cfg, **kw)
+
+
+def final_params(out_dir: str | Path) -> dict[str, torch.Tensor]:
+    return ckpt_io.load_checkpoint(Path(out_dir) / "ckpt.pt")["model"]
+
+
+@pytest.mark.parametrize("accum,dropout", [(1, 0.0), (2, 0.1)])
+def test_resume_is_exact(tiny_cfg, tmp_path, accum, dropout):
+    """N+M steps straight == N steps, resume, M steps: same losses, bit-identical weights."""
+    kw = dict(gradient_accumulation_steps=accum, dropout=dropout, max_iters=16, lr_decay_iters=16, eval_interval=8)
+    straight = tiny_cfg(out_dir=str(tmp_path / "straight"), **kw)
+    train(straight)
+
+    split = tiny_cfg(out_dir=str(tmp_path / "split"), **{**kw, "max_iters": 8})
+    train(split)
+    train(dataclasses_replace(split, max_iters=16, init_from="resume"), explicit={"max_iters", "init_from"})
+
+    a, b = final_params(straight.out_dir), final_params(split.out_dir)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    la, _ = read_metrics(straight.out_dir)
+    lb, _ = read_metrics(split.out_dir)
+    assert [r["loss"] for r in la] == [r["loss"] for r in lb]
+
+
+def test_resume_takes_architecture_from_checkpoint(tiny_cfg):
+    cfg = tiny_cfg(max_iters=4, eval_interval=4)
+    train(cfg)
+    # Defaults (12 layers, 768 wide) must not override the checkpoint's architecture...
+    resumed = TrainConfig(**{**cfg.__dict__, "n_layer": 12, "n_embd": 768, "n_head": 12, "init_from": "resume",
+                             "max_iters": 6})  # fmt: skip
+    summary = train(resumed, explicit={"init_from", "max_iters"})
+    assert summary["iter"] == 6
+    # ...but an explicit override that conflicts with it is refused.
+    with pytest.raises(UserError, match="n_layer"):
+        train(dataclasses_replace(resumed, max_iters=8), explicit={"init_from", "n_layer"})
+
+
+def test_eval_only_touches_no_checkpoint(tiny_cfg):
+    cfg = tiny_cfg(max_iters=4, eval_interval=4)
+    train(cfg)
+    ckpt = Path(cfg.out_dir) / "ckpt.pt"
+    before = (ckpt.stat().st_mtime_ns, ckpt.read_bytes())
+    summary = train(dataclasses_replace(cfg, eval_only=True, init_from="resume"), explicit={"eval_only", "init_from"})
+    assert (ckpt.stat().st_mtime_ns, ckpt.read_bytes()) == before
+    _, evals = read_metrics(cfg.out_dir)
+    assert evals[-1]["val_loss"] == pytest.approx(summary["val_loss"])
+
+
+def test_epoch_sampler_trains(tiny_cfg):
+    summary = train(tiny_cfg(sampler="epoch", max_iters=10, eval_interval=10))
+    assert summary["val_loss"] < 4.0
+
+
+def test_sample_after_training(tiny_cfg, capsys):
+    cfg = tiny_cfg(max_iters=10, eval_interval=10)
+    train(cfg)
+    texts = sample(SampleConfig(out_dir=cfg.out_dir, device="cpu", num_samples=2, max_new_tokens=40, start="ROMEO:"))
+    assert len(texts) == 2
+    assert all(t.startswith("ROMEO:") and len(t) == len("ROMEO:") + 40 for t in texts)
+    assert texts[0] != texts[1]
+    assert "ROMEO:" in capsys.readouterr().out
+    # The vocabulary travels in the checkpoint: no dataset folder needed to decode.
+    with pytest.raises(UserError, match="outside the model's vocabulary"):
+        sample(SampleConfig(out_dir=cfg.out_dir, device="cpu", num_samples=1, max_new_tokens=5, start="ROMEO: é"))
+    with pytest.raises(UserError, match="prompt file"):
+        sample(SampleConfig(out_dir=cfg.out_dir, device="cpu", start="FILE:/nonexistent/prompt.txt"))
+    with pytest.raises(UserError, match="no checkpoint"):
+        sample(SampleConfig(out_dir=cfg.out_dir + "-missing", device="cpu"))
+
+
+@pytest.mark.slow
+def test_compiled_model_saves_unwrapped_weights(tiny_cfg):
+    cfg = tiny_cfg(compile=True, max_iters=2, eval_interval=2, n_layer=1)
+    train(cfg)
+    state = ckpt_io.load_checkpoint(Path(cfg.out_dir) / "ckpt.pt")
+    assert not any("_orig_mod" in k for k in state["model"])
+
+
+# --- refused before any work starts ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (dict(batch_size=0), "batch_size must be positive"),
+        (dict(gradient_accumulation_steps=0), "gradient_accumulation_steps must be positive"),
+        (dict(learning_rate=-1e-3), "learning_rate must be positive"),
+        (dict(max_iters=-1), "max_iters must not be negative"),
+        (dict(n_embd=30, n_head=4), "divisible by n_head"),
+        (dict(min_lr=1.0), "min_lr"),
+        (dict(dropout=1.5), "dropout"),
+        (dict(init_from="gpt9"), "init_from"),
+    ],
+)
+def test_nonsense_config_is_refused(tiny_cfg, overrides, message):
+    with pytest.raises(UserError, match=message):
+        tiny_cfg(**overrides)
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (dict(device="tpu"), "device"),
+        (dict(dtype="float8"), "dtype"),
+        (dict(block_size=200_000), "block_size"),
+        (dict(dataset="no_such_dataset"), "no_such_dataset"),
+    ],
+)
+def test_bad_runtime_or_data_is_refused(tiny_cfg, overrides, message):
+    cfg = tiny_cfg(**overrides)
+    with pytest.raises(UserError, match=message):
+        train(cfg)
+    assert not (Path(cfg.out_dir) / "ckpt.pt").exists()
+
+
+def test_missing_dataset_names_prepare_command(tiny_cfg, tmp_path, monkeypatch):
+    import dataset
+
+    (tmp_path / "data" / "shakespeare_char").mkdir(parents=True)
+    (tmp_path / "data" / "shakespeare_char" / "prepare.py").write_text("")
+    monkeypatch.setattr(dataset, "DATA_ROOT", tmp_path / "data")  # a checkout where nothing is prepared yet
+    with pytest.raises(UserError, match=r"run: python data/shakespeare_char/prepare.py"):
+        train(tiny_cfg(dataset="shakespeare_char"))
+
+
+def test_resume_without_checkpoint(tiny_cfg):
+    with pytest.raises(UserError, match="no checkpoint"):
+        train(tiny_cfg(init_from="resume"))
+
+
+def test_corrupt_checkpoint_is_refused_and_kept(tiny_cfg):
+    cfg = tiny_cfg(max_iters=2, eval_interval=2)
+    train(cfg)
+    ckpt = Path(cfg.out_dir) / "ckpt.pt"
+    blob = ckpt.read_bytes()
+    ckpt.write_bytes(blob[: len(blob) // 2])
+    with pytest.raises(UserError, match="unreadable"):
+        train(dataclasses_replace(cfg, init_from="resume", max_iters=4))
+    assert ckpt.read_bytes() == blob[: len(blob) // 2]  # left as it was for the user to inspect
+
+
+def test_token_ids_beyond_vocab_are_refused(tiny_cfg, tmp_path, char_data):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for name in ("meta.pkl", "val.bin"):
+        (bad / name).write_bytes((char_data / name).read_bytes())
+    tokens = np.fromfile(char_data / "train.bin", dtype=np.uint16)
+    tokens[100] = 999
+    tokens.tofile(bad / "train.bin")
+    with pytest.raises(UserError, match="token id 999"):
+        train(tiny_cfg(dataset=str(bad)))
+
+
+def test_unwritable_out_dir(tiny_cfg, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    with pytest.raises(UserError, match="not writable"):
+        train(tiny_cfg(out_dir=str(blocker / "out")))
+    assert blocker.read_text() == "not a folder"
+
+
+def run_cli(args: list[str], **kw) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, env=env, **kw)
+
+
+def test_cli_error_is_one_line(tiny_cfg):
+    cfg = tiny_cfg()
+    r = run_cli(["train.py", f"--dataset={cfg.dataset}x", "--device=cpu", f"--out_dir={cfg.out_dir}"])
+    assert r.returncode == 2
+    assert r.stderr.startswith("error: ") and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+
+
+# --- distributed smoke run -------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_match_one(tiny_cfg, tmp_path):
+    """2 gloo processes x 1 micro-step see exactly the data of 1 process x 2 micro-steps."""
+    common = dict(max_iters=6, lr_decay_iters=6, eval_interval=6, gradient_accumulation_steps=2)
+    single = tiny_cfg(out_dir=str(tmp_path / "one"), **common)
+    train(single)
+    args = [f"--{k}={v}" for k, v in single.__dict__.items() if k != "out_dir"] + [f"--out_dir={tmp_path / 'two'}"]
+    r = run_cli(
+        ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py", "--backend=gloo", *args],
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    one, two = read_metrics(single.out_dir)[0], read_metrics(tmp_path / "two")[0]
+    assert [r["iter"] for r in two] == list(range(1, 7))
+    for a, b in zip(one, two):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+    pa, pb = final_params(single.out_dir), final_params(tmp_path / "two")
+    for k in pa:
+        torch.testing.assert_close(pb[k], pa[k], rtol=1e-5, atol=1e-6)
