@@ -276,6 +276,8 @@ def _train(cfg: TrainConfig, explicit: set[str], rt: Runtime) -> dict[str, Any]:
             probe = out_dir / f".write-test-{os.getpid()}"
             probe.write_bytes(b"")
             probe.unlink()
+            for stale in out_dir.glob(".*.pt.tmp*"):  # left by a save that was killed midway
+                stale.unlink()
         except OSError as e:
             raise UserError(f"out_dir {out_dir} is not writable: {e.strerror}") from None
 
