@@ -124,7 +124,12 @@ def test_prepare_refuses_bad_input_and_leaves_existing_files(tmp_path, char_data
 
 def test_prepare_cli_error_is_one_line(tmp_path):
     result = subprocess.run(
-        [sys.executable, "data/shakespeare_char/prepare.py", f"--input={tmp_path / 'nope.txt'}", f"--out_dir={tmp_path}"],
+        [
+            sys.executable,
+            "data/shakespeare_char/prepare.py",
+            f"--input={tmp_path / 'nope.txt'}",
+            f"--out_dir={tmp_path}",
+        ],
         cwd=ROOT,
         capture_output=True,
         text=True,

@@ -118,7 +118,9 @@ def test_kv_cache_generate_equals_naive_generate(prompt_len, new, top_k, tempera
     out = {}
     for use_cache in (True, False):
         g = torch.Generator().manual_seed(42)
-        out[use_cache] = model.generate(idx, new, temperature=temperature, top_k=top_k, generator=g, use_cache=use_cache)
+        out[use_cache] = model.generate(
+            idx, new, temperature=temperature, top_k=top_k, generator=g, use_cache=use_cache
+        )
     assert out[True].shape == (2, prompt_len + new)
     assert torch.equal(out[True], out[False])
     assert torch.equal(out[True][:, :prompt_len], idx)

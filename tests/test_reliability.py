@@ -250,3 +250,25 @@ def test_too_little_disk_space(tiny_cfg, monkeypatch):
 class _Usage:
     def __init__(self, free: int) -> None:
         self.free = free
+
+
+# --- sample.py on bad input ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (dict(ckpt="nope.pt"), "no checkpoint"),
+        (dict(start="ROMEO: \u00e9\u4e2d"), "outside the model's vocabulary: '\u00e9\u4e2d'"),
+        (dict(start="FILE:/nonexistent/prompt.txt"), "prompt file /nonexistent/prompt.txt not found"),
+        (dict(start=""), "prompt is empty"),
+    ],
+    ids=["unknown-checkpoint", "unknown-characters", "missing-prompt-file", "empty-prompt"],
+)
+def test_sample_bad_input_is_refused_untouched(trained, overrides, message):
+    from sample import SampleConfig, sample
+
+    before = snapshot(Path(trained.out_dir))
+    with pytest.raises(UserError, match=message):
+        sample(SampleConfig(out_dir=trained.out_dir, device="cpu", num_samples=1, max_new_tokens=5, **overrides))
+    assert snapshot(Path(trained.out_dir)) == before

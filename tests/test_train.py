@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT
 
 import checkpoint as ckpt_io
 from configurator import UserError
+from conftest import ROOT
 from sample import SampleConfig, sample
 from train import TrainConfig, get_lr, train
 
