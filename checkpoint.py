@@ -3,7 +3,8 @@
 A checkpoint is written to a temporary file beside its target, flushed to disk, then
 renamed over the target in one atomic step: readers see the old file or the new one,
 never half of one. Only plain Python values and tensors go in, so loading uses
-torch.load(weights_only=True) and never runs code from the file.
+torch.load(weights_only=True) and never runs code from the file. Pretrained GPT-2 weights
+(init_from=gpt2 or a Hugging Face folder) load through here too, failures as UserError.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import numpy as np
 import torch
 
 from configurator import UserError
-from model import GPT, GPTConfig
+from model import GPT, GPT2_NAMES, GPTConfig
 
 REQUIRED_KEYS = ("model", "model_args", "iter_num", "config")
 
@@ -67,6 +68,28 @@ def model_from_checkpoint(state: dict[str, Any], path: str | Path) -> GPT:
         raise UserError(f"checkpoint {path} describes a model this version cannot build: {e}") from None
     load_weights(model, state["model"], path)
     return model
+
+
+def is_pretrained(init_from: str) -> bool:
+    """Whether init_from names pretrained weights: a GPT-2 hub name or an existing local folder."""
+    return init_from in GPT2_NAMES or Path(init_from).is_dir()
+
+
+def check_init_from(init_from: str, modes: tuple[str, ...]) -> None:
+    """Accept one of modes (e.g. 'scratch', 'resume') or pretrained weights; otherwise a UserError naming the options."""
+    if init_from not in modes and not is_pretrained(init_from):
+        options = ", ".join(f"'{m}'" for m in (*modes, *GPT2_NAMES))
+        raise UserError(
+            f"init_from must be {options} or the path of a Hugging Face model folder, got {init_from!r} (no such folder)"
+        )
+
+
+def load_pretrained(init_from: str, dropout: float = 0.0) -> GPT:
+    """GPT.from_pretrained, with its failures as UserError."""
+    try:
+        return GPT.from_pretrained(init_from, {"dropout": dropout})
+    except (ImportError, ValueError) as e:
+        raise UserError(str(e)) from None
 
 
 def load_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], path: str | Path) -> None:

@@ -20,6 +20,7 @@ import torch
 from configurator import UserError
 
 DATA_ROOT = Path(__file__).resolve().parent / "data"
+GPT2_BPE_TOKENS = 50257  # GPT-2's BPE vocabulary: the rows of OpenAI's embedding matrix
 GPT2_VOCAB_SIZE = 50304  # GPT-2's 50257 padded to a multiple of 64 for faster matmuls
 EVAL_SEED = 20240101  # fixed, so val losses of runs with different seeds are comparable
 FULL_SCAN_LIMIT = 1 << 28  # check every token id at startup for splits up to 256M tokens

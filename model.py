@@ -1,14 +1,18 @@
 """A GPT language model in one file, importing only torch.
 
 The default configuration is GPT-2: learned position embeddings, pre-LayerNorm
-blocks, a GELU MLP and a weight-tied head, so OpenAI's GPT-2 weights load into it.
+blocks, a GELU MLP and a weight-tied head, so OpenAI's GPT-2 weights load into it
+(GPT.from_pretrained, which imports transformers only when called).
 """
 
 from __future__ import annotations
 
 import inspect
 import math
+import os
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -26,6 +30,15 @@ class GPTConfig:
     n_embd: int = 768
     dropout: float = 0.0
     bias: bool = True  # biases in Linear layers and LayerNorms, as in GPT-2
+    gelu_approximate: str = "none"  # nn.GELU's approximate: OpenAI's GPT-2 weights were trained with "tanh"
+
+
+# OpenAI's four GPT-2 sizes on the Hugging Face hub: 124M, 350M, 774M and 1558M parameters.
+GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+# Hugging Face's GPT-2 keeps these weights in Conv1D layers, shaped (in, out): nn.Linear's transpose.
+HF_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+# Hugging Face activation names this model can reproduce -> nn.GELU's approximate.
+HF_GELU = {"gelu": "none", "gelu_new": "tanh", "gelu_pytorch_tanh": "tanh"}
 
 
 class KVCache:
@@ -94,7 +107,7 @@ class MLP(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.gelu = nn.GELU()
+        self.gelu = nn.GELU(approximate=config.gelu_approximate)
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
@@ -186,6 +199,27 @@ class GPT(nn.Module):
         self.config.block_size = block_size
         self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
 
+    @classmethod
+    def from_pretrained(cls, name_or_path: str, override_args: dict[str, Any] | None = None) -> GPT:
+        """GPT-2 weights from the hub (one of GPT2_NAMES) or a local Hugging Face model folder; ValueError if unusable."""
+        override_args = override_args or {}
+        if set(override_args) - {"dropout"}:
+            raise ValueError(f"only dropout may be overridden, got {sorted(override_args)}")
+        config, hf_config = _read_hf_config(name_or_path)
+        config.dropout = override_args.get("dropout", 0.0)
+        model = cls(config)
+        sd, sd_hf = model.state_dict(), _read_hf_weights(name_or_path, hf_config)
+        if sd.keys() != sd_hf.keys():
+            unmatched = ", ".join(sorted(sd.keys() ^ sd_hf.keys())[:3])
+            raise ValueError(f"the weights of {name_or_path} do not map onto GPT's: {unmatched}")
+        with torch.no_grad():
+            for key, param in sd.items():
+                src = sd_hf[key].t() if key.endswith(HF_CONV1D) else sd_hf[key]
+                if src.shape != param.shape:
+                    raise ValueError(f"{name_or_path}: {key} is {tuple(src.shape)}, expected {tuple(param.shape)}")
+                param.copy_(src)
+        return model
+
     def configure_optimizers(
         self, weight_decay: float, learning_rate: float, betas: tuple[float, float], device_type: str
     ) -> torch.optim.AdamW:
@@ -217,6 +251,7 @@ class GPT(nn.Module):
         top_k: int | None = None,
         generator: torch.Generator | None = None,
         use_cache: bool = True,
+        on_token: Callable[[], None] | None = None,
     ) -> torch.Tensor:
         """Continue idx (B, T) by max_new_tokens sampled tokens; temperature 0 is greedy.
 
@@ -226,6 +261,7 @@ class GPT(nn.Module):
         position embeddings are baked into the cached keys and cannot be shifted. So every
         token sees between block_size // 2 and block_size tokens of context. use_cache=False
         recomputes the same windows from scratch (the reference the cache is tested against).
+        on_token, if given, is called after each new token (progress bars).
         """
         block = self.config.block_size
         keep = max(1, block // 2)
@@ -251,7 +287,76 @@ class GPT(nn.Module):
                 probs = F.softmax(logits, dim=-1)
                 idx_next = torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1)
             idx = torch.cat((idx, idx_next), dim=1)
+            if on_token is not None:
+                on_token()
         return idx
+
+
+def _hint(name_or_path: str) -> str:
+    if os.path.isdir(name_or_path):
+        return ""
+    return " (offline, give the path of a local Hugging Face model folder instead)"
+
+
+def _read_hf_config(name_or_path: str) -> tuple[GPTConfig, Any]:
+    """The GPTConfig of a Hugging Face GPT-2, and its transformers config; ValueError if it is not one."""
+    try:  # imported here so that the model itself needs nothing but torch
+        from transformers import AutoConfig
+    except ImportError:
+        raise ImportError("loading pretrained weights needs transformers: pip install 'gptsmith[hf]'") from None
+    if os.path.isdir(name_or_path) and not os.path.isfile(os.path.join(name_or_path, "config.json")):
+        raise ValueError(f"{name_or_path} has no config.json, so it is not a Hugging Face model folder")
+    try:
+        hf_config = AutoConfig.from_pretrained(name_or_path)
+    except Exception as e:  # no network, bad JSON, unknown model type: transformers raises many types
+        raise ValueError(f"cannot read the config of {name_or_path}: {_first_line(e)}{_hint(name_or_path)}") from None
+    return _config_from_hf(hf_config, name_or_path), hf_config
+
+
+def _read_hf_weights(name_or_path: str, hf_config: Any) -> dict[str, torch.Tensor]:
+    """The state dict of a Hugging Face GPT-2, without causal-mask buffers; ValueError if incomplete."""
+    from transformers import GPT2LMHeadModel  # slow to import, so only once the config is known to fit
+    from transformers.utils import logging as hf_logging
+
+    # From a local folder the loading bar is noise; from the hub it also shows the download, so it stays.
+    quiet = os.path.isdir(name_or_path) and hf_logging.is_progress_bar_enabled()
+    if quiet:
+        hf_logging.disable_progress_bar()
+    try:
+        hf_model, info = GPT2LMHeadModel.from_pretrained(name_or_path, config=hf_config, output_loading_info=True)
+    except Exception as e:  # missing or damaged weight files surface as OSError, SafetensorError, ...
+        raise ValueError(f"cannot load the weights of {name_or_path}: {_first_line(e)}{_hint(name_or_path)}") from None
+    finally:
+        if quiet:
+            hf_logging.enable_progress_bar()
+    if info["missing_keys"]:  # transformers would have filled them with random numbers
+        raise ValueError(f"{name_or_path} lacks weights for {', '.join(sorted(info['missing_keys'])[:3])}")
+    # Older transformers versions keep the causal mask as attn.bias / attn.masked_bias buffers.
+    return {k: v for k, v in hf_model.state_dict().items() if not k.endswith((".attn.bias", ".attn.masked_bias"))}
+
+
+def _config_from_hf(hf: Any, name: str) -> GPTConfig:
+    """The GPTConfig of a Hugging Face GPT-2 config; ValueError for anything this model cannot reproduce."""
+    if hf.model_type != "gpt2":
+        raise ValueError(f"{name} holds a {hf.model_type!r} model, not GPT-2")
+    unsupported = {
+        "activation_function": hf.activation_function not in HF_GELU,
+        "n_inner": hf.n_inner not in (None, 4 * hf.n_embd),
+        "layer_norm_epsilon": hf.layer_norm_epsilon != 1e-5,  # nn.LayerNorm's default
+        "tie_word_embeddings": not getattr(hf, "tie_word_embeddings", True),
+        "scale_attn_weights": not hf.scale_attn_weights,
+        "scale_attn_by_inverse_layer_idx": hf.scale_attn_by_inverse_layer_idx,
+        "add_cross_attention": getattr(hf, "add_cross_attention", False),
+    }
+    bad = [f"{key}={getattr(hf, key, None)!r}" for key, unfit in unsupported.items() if unfit]
+    if bad:
+        raise ValueError(f"{name} is a GPT-2 variant this model cannot reproduce: {', '.join(bad)}")
+    return GPTConfig(block_size=hf.n_positions, vocab_size=hf.vocab_size, n_layer=hf.n_layer, n_head=hf.n_head,
+                     n_embd=hf.n_embd, bias=True, gelu_approximate=HF_GELU[hf.activation_function])  # fmt: skip
+
+
+def _first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
 def masked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -126,6 +127,11 @@ def setup_runtime(device: str = "auto", dtype: str = "auto", backend: str = "aut
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 tensor cores for float32 matmuls
         torch.backends.cudnn.allow_tf32 = True
     return rt
+
+
+def show_progress() -> bool:
+    """Progress bars only for a person at a terminal: not under CI, not into a log file."""
+    return not os.environ.get("CI") and sys.stderr.isatty()
 
 
 def teardown(rt: Runtime) -> None:

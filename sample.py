@@ -1,6 +1,7 @@
 """Sample text from a trained model.
 
     python sample.py --out_dir=out-shakespeare-char --start="ROMEO:" --num_samples=3
+    python sample.py --init_from=gpt2-xl --start="What is the answer to life?"
 
 Every key, its default and meaning: python sample.py --help
 """
@@ -10,19 +11,27 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
+from tqdm import tqdm
 
 import checkpoint as ckpt_io
 import dataset as ds
 from configurator import UserError, cli_errors, load_config, opt
-from runtime import setup_runtime, teardown
+from model import GPT
+from runtime import setup_runtime, show_progress, teardown
 
 
 @dataclass
 class SampleConfig:
     """Sampling configuration."""
 
+    init_from: str = opt(
+        "resume",
+        "'resume' = the checkpoint out_dir/ckpt, or pretrained GPT-2: gpt2, gpt2-medium, gpt2-large, gpt2-xl "
+        "(Hugging Face hub) or the path of a local Hugging Face model folder",
+    )
     out_dir: str = opt("out", "training output folder holding the checkpoint")
     ckpt: str = opt("ckpt.pt", "checkpoint file inside out_dir (ckpt.pt = latest saved, best.pt = best val loss)")
     start: str = opt("\n", "prompt text, or FILE:path to read it from a file")
@@ -36,6 +45,7 @@ class SampleConfig:
     compile: bool = opt(False, "torch.compile the forward pass (pays off only for long generations)")
 
     def __post_init__(self) -> None:
+        ckpt_io.check_init_from(self.init_from, ("resume",))
         for key in ("num_samples", "max_new_tokens"):
             if getattr(self, key) <= 0:
                 raise UserError(f"{key} must be positive, got {getattr(self, key)}")
@@ -57,14 +67,28 @@ def read_prompt(start: str) -> str:
         raise UserError(f"cannot read prompt file {path}: {e}") from None
 
 
+def load_model(cfg: SampleConfig) -> tuple[GPT, dict[str, Any] | None]:
+    """The model to sample from and its vocabulary (None = GPT-2 BPE)."""
+    if cfg.init_from != "resume":
+        model = ckpt_io.load_pretrained(cfg.init_from)
+        if model.config.vocab_size < ds.GPT2_BPE_TOKENS:  # e.g. a character-level model exported to Hugging Face
+            raise UserError(
+                f"{cfg.init_from} has a vocabulary of {model.config.vocab_size}, not GPT-2's BPE; "
+                "sample from its gptsmith checkpoint instead (--out_dir)"
+            )
+        return model, None
+    path = Path(cfg.out_dir) / cfg.ckpt
+    state = ckpt_io.load_checkpoint(path)
+    model = ckpt_io.model_from_checkpoint(state, path)
+    return model, state.get("meta") or ds.load_meta(ds.dataset_dir(state["config"].get("dataset", "")))
+
+
 def sample(cfg: SampleConfig) -> list[str]:
-    """Load the checkpoint, draw cfg.num_samples continuations of the prompt, return them."""
+    """Load the model, draw cfg.num_samples continuations of the prompt, return them."""
     rt = setup_runtime(cfg.device, cfg.dtype)
     try:
-        path = Path(cfg.out_dir) / cfg.ckpt
-        state = ckpt_io.load_checkpoint(path)
-        model = ckpt_io.model_from_checkpoint(state, path).to(rt.device).eval()
-        meta = state.get("meta") or ds.load_meta(ds.dataset_dir(state["config"].get("dataset", "")))
+        model, meta = load_model(cfg)
+        model = model.to(rt.device).eval()
         encode, decode = ds.get_tokenizer(meta)
         ids = encode(read_prompt(cfg.start))
         if not ids:
@@ -75,8 +99,12 @@ def sample(cfg: SampleConfig) -> list[str]:
         x = torch.tensor(ids, dtype=torch.long, device=rt.device)[None, ...]  # (1, T)
         samples = []
         with torch.no_grad(), rt.autocast():
-            for _ in range(cfg.num_samples):
-                y = model.generate(x, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k or None)
+            for i in range(cfg.num_samples):
+                bar = tqdm(total=cfg.max_new_tokens, desc=f"sample {i + 1}/{cfg.num_samples}", unit="tok",
+                           leave=False, disable=not show_progress())  # fmt: skip
+                y = model.generate(x, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k or None,
+                                   on_token=bar.update)  # fmt: skip
+                bar.close()
                 samples.append(decode(y[0].tolist()))
                 print(samples[-1])
                 print("---------------", flush=True)

@@ -22,12 +22,13 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 import checkpoint as ckpt_io
 import dataset as ds
 from configurator import UserError, cli_errors, opt, read_overrides
 from model import GPT, GPTConfig
-from runtime import Runtime, peak_flops, setup_runtime, teardown
+from runtime import Runtime, peak_flops, setup_runtime, show_progress, teardown
 
 ARCH_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size")
 
@@ -43,11 +44,17 @@ class TrainConfig:
     eval_iters: int = opt(200, "batches per loss estimate; 0 = the whole split")
     eval_only: bool = opt(False, "estimate the losses once and exit, without training")
     always_save_checkpoint: bool = opt(True, "write ckpt.pt at every eval, not only when val loss improves")
-    init_from: str = opt("scratch", "'scratch' or 'resume' (from out_dir/ckpt.pt)")
+    init_from: str = opt(
+        "scratch",
+        "'scratch', 'resume' (from out_dir/ckpt.pt), or pretrained GPT-2: gpt2, gpt2-medium, gpt2-large, gpt2-xl "
+        "(Hugging Face hub) or the path of a local Hugging Face model folder",
+    )
     # wandb
     wandb_log: bool = opt(False, "log metrics to Weights & Biases")
     wandb_project: str = opt("gptsmith", "wandb project")
     wandb_run_name: str = opt("run", "wandb run name")
+    plot: bool = opt(True, "redraw out_dir/loss.png from metrics.jsonl at every eval (python plot.py does it by hand)")
+    eval_sample_tokens: int = opt(0, "at every eval, generate this many tokens, print them and log them to wandb")
     # data
     dataset: str = opt("shakespeare_char", "data/<dataset>/ with train.bin, val.bin (and meta.pkl), or a folder path")
     gradient_accumulation_steps: int = opt(1, "micro-steps per optimizer step, summed over all processes")
@@ -89,12 +96,21 @@ class TrainConfig:
         for key in positive:
             if getattr(self, key) <= 0:
                 raise UserError(f"{key} must be positive, got {getattr(self, key)}")
-        for key in ("eval_iters", "max_iters", "warmup_iters", "lr_decay_iters", "weight_decay", "grad_clip", "min_lr"):
+        for key in (
+            "eval_iters",
+            "eval_sample_tokens",
+            "max_iters",
+            "warmup_iters",
+            "lr_decay_iters",
+            "weight_decay",
+            "grad_clip",
+            "min_lr",
+        ):
             if getattr(self, key) < 0:
                 raise UserError(f"{key} must not be negative, got {getattr(self, key)}")
         if not self.learning_rate > 0:
             raise UserError(f"learning_rate must be positive, got {self.learning_rate}")
-        if self.min_lr > self.learning_rate:
+        if self.decay_lr and self.min_lr > self.learning_rate:  # a constant rate never reaches min_lr
             raise UserError(f"min_lr ({self.min_lr}) is above learning_rate ({self.learning_rate}); lower min_lr")
         if not 0.0 <= self.dropout < 1.0:
             raise UserError(f"dropout must be in [0, 1), got {self.dropout}")
@@ -103,8 +119,7 @@ class TrainConfig:
                 raise UserError(f"{key} must be in [0, 1), got {getattr(self, key)}")
         if self.n_embd % self.n_head:
             raise UserError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
-        if self.init_from not in ("scratch", "resume"):
-            raise UserError(f"init_from must be 'scratch' or 'resume', got {self.init_from!r}")
+        ckpt_io.check_init_from(self.init_from, ("scratch", "resume"))
         if self.sampler not in ("random", "epoch"):
             raise UserError(f"sampler must be 'random' or 'epoch', got {self.sampler!r}")
         if self.backend not in ("auto", "nccl", "gloo"):
@@ -140,7 +155,9 @@ def estimate_loss(model: torch.nn.Module, splits: dict[str, np.ndarray], offsets
     out = {}
     for split, data in splits.items():
         total = torch.zeros(2, dtype=torch.float64, device=rt.device)  # (loss * tokens, tokens)
-        for i in range(rt.rank, len(offsets[split]), rt.world_size):
+        mine = range(rt.rank, len(offsets[split]), rt.world_size)
+        long_eval = len(mine) >= 500 and rt.master and show_progress()  # e.g. eval_iters=0 on a big split
+        for i in tqdm(mine, desc=f"eval {split}", unit="batch", leave=False, disable=not long_eval):
             x, y = ds.get_batch(data, offsets[split][i], block_size, rt.device)
             with rt.autocast():
                 _, loss = model(x, y)
@@ -177,6 +194,15 @@ class MetricsLog:
             f.write(json.dumps(record) + "\n")
         if self.wandb is not None:
             self.wandb.log({k: v for k, v in record.items() if k != "iter"}, step=record["iter"])
+
+    def write_text(self, iter_num: int, text: str) -> None:
+        """A generated sample: printed by the caller, logged to wandb here."""
+        if self.wandb is not None:
+            import html
+
+            import wandb
+
+            self.wandb.log({"sample": wandb.Html(f"<pre>{html.escape(text)}</pre>")}, step=iter_num)
 
     def close(self) -> None:
         if self.wandb is not None:
@@ -226,6 +252,23 @@ def _resume_state(cfg: TrainConfig, explicit: set[str], out_dir: Path) -> tuple[
     return dataclasses.replace(cfg, **changes), state
 
 
+def _pretrained_state(cfg: TrainConfig, explicit: set[str]) -> tuple[TrainConfig, GPT]:
+    """Load pretrained GPT-2 weights; their architecture wins over defaults, an explicit key that
+    disagrees is an error, except a smaller block_size (the model is cropped to it later)."""
+    model = ckpt_io.load_pretrained(cfg.init_from, cfg.dropout)
+    changes = {}
+    for key in ARCH_KEYS[:-1]:  # vocab_size is not a config key
+        value = getattr(model.config, key)
+        if key not in explicit:
+            changes[key] = value
+        elif getattr(cfg, key) != value and not (key == "block_size" and cfg.block_size < value):
+            raise UserError(
+                f"--{key}={getattr(cfg, key)} conflicts with {cfg.init_from}'s {key}={value}; drop the override "
+                "(only block_size may be set, and only smaller)"
+            )
+    return dataclasses.replace(cfg, **changes), model
+
+
 def train(cfg: TrainConfig, explicit: set[str] | frozenset[str] = frozenset()) -> dict[str, Any]:
     """Run training (or eval_only) as cfg says; return the final metrics.
 
@@ -241,9 +284,11 @@ def train(cfg: TrainConfig, explicit: set[str] | frozenset[str] = frozenset()) -
 
 def _train(cfg: TrainConfig, explicit: set[str], rt: Runtime) -> dict[str, Any]:
     out_dir = Path(cfg.out_dir)
-    state = None
+    state, pretrained = None, None
     if cfg.init_from == "resume":
         cfg, state = _resume_state(cfg, explicit, out_dir)
+    elif cfg.init_from != "scratch":
+        cfg, pretrained = _pretrained_state(cfg, explicit)
     if cfg.gradient_accumulation_steps % rt.world_size:
         raise UserError(
             f"gradient_accumulation_steps ({cfg.gradient_accumulation_steps}) must be divisible by the "
@@ -257,6 +302,8 @@ def _train(cfg: TrainConfig, explicit: set[str], rt: Runtime) -> dict[str, Any]:
     vocab_size = meta["vocab_size"] if meta else ds.GPT2_VOCAB_SIZE
     if state is not None:
         vocab_size = state["model_args"]["vocab_size"]
+    if pretrained is not None:
+        vocab_size = _pretrained_vocab(pretrained, meta, cfg)
     splits = {s: ds.open_split(folder, s, cfg.dataset, vocab_size) for s in ("train", "val")}
     for split, data in splits.items():
         if len(data) <= cfg.block_size + 1:
@@ -285,7 +332,15 @@ def _train(cfg: TrainConfig, explicit: set[str], rt: Runtime) -> dict[str, Any]:
     torch.manual_seed(cfg.seed + rt.rank)
     model_args = dict(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, block_size=cfg.block_size,
                       bias=cfg.bias, vocab_size=vocab_size, dropout=cfg.dropout)  # fmt: skip
-    model = GPT(GPTConfig(**model_args))
+    if state is not None:  # keys TrainConfig does not have (gelu_approximate) come from the checkpoint
+        model_args = {**state["model_args"], **model_args}
+    if pretrained is not None:
+        model = pretrained
+        if cfg.block_size < model.config.block_size:
+            model.crop_block_size(cfg.block_size)
+        model_args = dataclasses.asdict(model.config)  # recorded in checkpoints, so resume rebuilds this model
+    else:
+        model = GPT(GPTConfig(**model_args))
     if state is not None:
         ckpt_io.load_weights(model, state["model"], out_dir / "ckpt.pt")
     model.to(rt.device)
@@ -356,6 +411,7 @@ def _train(cfg: TrainConfig, explicit: set[str], rt: Runtime) -> dict[str, Any]:
     tokens_seen = iter_num * tokens_per_step
     first_iter = iter_num
     losses: dict[str, float] = {}
+    eval_time = 0.0
     try:
         while True:
             lr = get_lr(iter_num, cfg)
@@ -363,6 +419,7 @@ def _train(cfg: TrainConfig, explicit: set[str], rt: Runtime) -> dict[str, Any]:
                 group["lr"] = lr
             resumed_here = state is not None and iter_num == first_iter and state.get("evaluated") and not cfg.eval_only
             if (iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters or cfg.eval_only) and not resumed_here:
+                t_eval = time.perf_counter()
                 losses = estimate_loss(model, splits, eval_offsets, rt, cfg.block_size)
                 improved = losses["val"] < best_val_loss
                 if improved:
@@ -371,6 +428,12 @@ def _train(cfg: TrainConfig, explicit: set[str], rt: Runtime) -> dict[str, Any]:
                     print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
                     log.write({"iter": iter_num, "train_loss": losses["train"], "val_loss": losses["val"], "lr": lr,
                                "tokens_seen": tokens_seen, "elapsed_s": round(time.time() - t_start, 3)})  # fmt: skip
+                    if cfg.eval_sample_tokens:
+                        text = eval_sample(raw_model, meta, cfg.eval_sample_tokens, rt)
+                        print(f"sample at step {iter_num}:\n{text}\n---------------")
+                        log.write_text(iter_num, text)
+                    if cfg.plot and log.enabled:
+                        refresh_plot(out_dir)
                 if iter_num > 0 and not cfg.eval_only:
                     if cfg.always_save_checkpoint or improved:
                         save(out_dir / "ckpt.pt", evaluated=True)
@@ -378,6 +441,7 @@ def _train(cfg: TrainConfig, explicit: set[str], rt: Runtime) -> dict[str, Any]:
                         save(out_dir / "best.pt", evaluated=True)
                 if rt.distributed:
                     torch.distributed.barrier()  # no rank races past a checkpoint being written
+                eval_time += time.perf_counter() - t_eval
                 t_last = time.perf_counter()  # evaluation time is not training time
             if iter_num >= cfg.max_iters or cfg.eval_only:
                 break
@@ -439,6 +503,8 @@ def _train(cfg: TrainConfig, explicit: set[str], rt: Runtime) -> dict[str, Any]:
 
     elapsed = time.time() - t_start
     steps = iter_num - first_iter
+    train_time = max(elapsed - eval_time, 1e-9)
+    tps = steps * tokens_per_step / train_time if steps else 0.0
     summary = {
         "iter": iter_num,
         "train_loss": losses.get("train"),
@@ -447,15 +513,70 @@ def _train(cfg: TrainConfig, explicit: set[str], rt: Runtime) -> dict[str, Any]:
         "best_iter": best_iter,
         "tokens_seen": tokens_seen,
         "elapsed_s": elapsed,
-        "tokens_per_sec": steps * tokens_per_step / elapsed if steps else 0.0,
+        "eval_s": eval_time,
+        "tokens_per_sec": tps,  # mean over the training time, evaluations left out
+        "mfu": raw_model.estimate_mfu(tps / rt.world_size, peak) if steps else None,
         "loss": last.get("loss"),
-        "mfu": last.get("mfu"),
         "checkpoint": str(out_dir / "ckpt.pt"),
     }
     if rt.master and not cfg.eval_only:
-        print(f"done: {steps} steps in {_duration(elapsed)}, best val loss {best_val_loss:.4f} (step {best_iter}); "
-              f"sample with: python sample.py --out_dir={cfg.out_dir}")  # fmt: skip
+        _print_summary(summary, steps, cfg)
     return summary
+
+
+def _pretrained_vocab(model: GPT, meta: dict[str, Any] | None, cfg: TrainConfig) -> int:
+    """The pretrained model's vocab_size, after checking the dataset's tokens mean the same to it."""
+    vocab = model.config.vocab_size
+    if meta is None and vocab < ds.GPT2_BPE_TOKENS:
+        raise UserError(
+            f"dataset '{cfg.dataset}' is GPT-2 BPE (no meta.pkl), but {cfg.init_from} has a vocabulary of {vocab}"
+        )
+    if meta is not None and meta["vocab_size"] != vocab:
+        raise UserError(
+            f"dataset '{cfg.dataset}' has its own vocabulary of {meta['vocab_size']} (meta.pkl), but {cfg.init_from} "
+            f"has {vocab}; pretrained GPT-2 needs GPT-2 BPE data (a dataset without meta.pkl)"
+        )
+    return vocab
+
+
+def _print_summary(s: dict[str, Any], steps: int, cfg: TrainConfig) -> None:
+    best = f"{s['best_val_loss']:.4f} at step {s['best_iter']}" if s["best_iter"] is not None else "none"
+    mfu = f", MFU {s['mfu'] * 100:.1f}%" if s["mfu"] is not None else ""
+    print(f"done: {steps} steps in {_duration(s['elapsed_s'])} ({_duration(s['eval_s'])} of it evaluating)")
+    print(f"  best val loss {best}" + (f"; last: train {s['train_loss']:.4f}, val {s['val_loss']:.4f}"
+                                        if s["val_loss"] is not None else ""))  # fmt: skip
+    print(f"  tokens seen {s['tokens_seen']:,}; {s['tokens_per_sec']:,.0f} tokens/s while training{mfu}")
+    saved = Path(s["checkpoint"])
+    print(f"  checkpoints: {saved if saved.exists() else 'none written'}"
+          + (f", best: {saved.with_name('best.pt')}" if saved.with_name("best.pt").exists() else ""))  # fmt: skip
+    print(f"  next: python sample.py --out_dir={cfg.out_dir}")
+
+
+def eval_sample(model: GPT, meta: dict[str, Any] | None, max_new_tokens: int, rt: Runtime) -> str:
+    """A short sample from a fixed seed and start token, so samples of successive evals compare."""
+    encode, decode = ds.get_tokenizer(meta)
+    if meta is None:
+        start = [ds.GPT2_BPE_TOKENS - 1]  # <|endoftext|>: a document starts after it
+    else:
+        start = encode("\n") if "\n" in meta.get("stoi", {}) else [0]
+    x = torch.tensor([start], dtype=torch.long, device=rt.device)
+    generator = torch.Generator(device=rt.device).manual_seed(1337)
+    was_training = model.training
+    model.eval()
+    with torch.no_grad(), rt.autocast():
+        y = model.generate(x, max_new_tokens, temperature=0.8, top_k=200, generator=generator)
+    model.train(was_training)
+    return decode(y[0, len(start) :].tolist())
+
+
+def refresh_plot(out_dir: Path) -> None:
+    """Redraw out_dir/loss.png; a plotting problem never stops training."""
+    try:
+        from plot import plot_runs
+
+        plot_runs([out_dir], out_dir / "loss.png")
+    except Exception as e:  # matplotlib missing or broken, odd fonts, a full disk: keep training
+        print(f"warning: could not draw {out_dir / 'loss.png'}: {e}")
 
 
 def _duration(seconds: float) -> str:

@@ -71,6 +71,7 @@ def tiny_cfg(char_data: Path, tmp_path: Path):
         eval_iters=4,
         log_interval=1,
         peak_flops=1e11,  # skip measuring the CPU's matmul peak in every test
+        plot=False,  # matplotlib costs a second per eval; tests/test_plot.py covers plotting
     )
 
     def make(**overrides):
