@@ -5,6 +5,14 @@ renamed over the target in one atomic step: readers see the old file or the new 
 never half of one. Only plain Python values and tensors go in, so loading uses
 torch.load(weights_only=True) and never runs code from the file. Pretrained GPT-2 weights
 (init_from=gpt2 or a Hugging Face folder) load through here too, failures as UserError.
+
+Under FSDP a checkpoint is a folder, ckpt.dcp/ (best.dcp/), written by every process at
+once with torch.distributed.checkpoint (DCP): .metadata and one __<rank>_0.distcp file of
+model and optimizer shards per process, plus train_state.pt, the non-tensor state (step,
+config, RNG states, ...) that rank 0 writes. It is written as .ckpt.dcp.tmp/ and then
+swapped in by two renames (old folder aside, new one in); a save killed at any moment
+leaves the previous folder, or both, and recover_sharded() puts the newest complete one
+back in place. consolidate.py turns such a folder into an ordinary single-file ckpt.pt.
 """
 
 from __future__ import annotations
@@ -12,6 +20,7 @@ from __future__ import annotations
 import os
 import random
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +31,8 @@ from configurator import UserError
 from model import GPT, GPT2_NAMES, GPTConfig
 
 REQUIRED_KEYS = ("model", "model_args", "iter_num", "config")
+TRAIN_STATE = "train_state.pt"  # inside a sharded checkpoint folder: everything but the tensors
+SHARDED_SUFFIX = ".dcp"
 
 
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
@@ -37,26 +48,33 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
     finally:
         if tmp.exists():
             tmp.unlink()
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)  # make the rename itself durable
-    finally:
-        os.close(fd)
+    _fsync_dir(path.parent)  # make the rename itself durable
 
 
 def load_checkpoint(path: str | Path, map_location: str = "cpu") -> dict[str, Any]:
     """Read and check a checkpoint; any problem is a UserError naming the file."""
     path = Path(path)
     if not path.is_file():
+        sharded = path if path.is_dir() else path.with_suffix(SHARDED_SUFFIX)
+        if is_sharded(sharded):
+            raise UserError(
+                f"no checkpoint at {path}, but {sharded} is a sharded (FSDP) checkpoint; make a single file of it "
+                f"first: python consolidate.py --out_dir={sharded.parent} --ckpt={sharded.name}"
+            )
         raise UserError(f"no checkpoint at {path}")
+    return _read(path, REQUIRED_KEYS, map_location)
+
+
+def _read(path: Path, required: tuple[str, ...], map_location: str = "cpu") -> dict[str, Any]:
+    """torch.load a checkpoint file and check it holds the required keys."""
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # truncated zip, garbage bytes, foreign pickle: many exception types
         raise UserError(
             f"checkpoint {path} is unreadable (truncated or not a checkpoint): {type(e).__name__}"
         ) from None
-    if not isinstance(state, dict) or any(k not in state for k in REQUIRED_KEYS):
-        raise UserError(f"checkpoint {path} is not a gptsmith checkpoint (missing {', '.join(REQUIRED_KEYS)})")
+    if not isinstance(state, dict) or any(k not in state for k in required):
+        raise UserError(f"checkpoint {path} is not a gptsmith checkpoint (missing {', '.join(required)})")
     return state
 
 
@@ -71,8 +89,23 @@ def model_from_checkpoint(state: dict[str, Any], path: str | Path) -> GPT:
 
 
 def is_pretrained(init_from: str) -> bool:
-    """Whether init_from names pretrained weights: a GPT-2 hub name or an existing local folder."""
-    return init_from in GPT2_NAMES or Path(init_from).is_dir()
+    """Whether init_from names pretrained weights: a GPT-2 hub name, an existing local folder
+    (Hugging Face model or another run's out_dir) or a checkpoint file."""
+    return init_from in GPT2_NAMES or Path(init_from).is_dir() or run_checkpoint(init_from) is not None
+
+
+def run_checkpoint(init_from: str) -> Path | None:
+    """The gptsmith checkpoint that init_from names, to start a new run from: a checkpoint file,
+    or another run's out_dir (its ckpt.pt); None for GPT-2 names and Hugging Face folders."""
+    path = Path(init_from)
+    if path.is_file():
+        return path
+    # A Hugging Face model folder has config.json; an out_dir has ckpt.pt, or ckpt.dcp under FSDP
+    # (then load_checkpoint says how to consolidate it).
+    out_dir = path.is_dir() and not (path / "config.json").exists()
+    if out_dir and ((path / "ckpt.pt").is_file() or is_sharded(path / sharded_name("ckpt.pt"))):
+        return path / "ckpt.pt"
+    return None
 
 
 def check_init_from(init_from: str, modes: tuple[str, ...]) -> None:
@@ -80,8 +113,16 @@ def check_init_from(init_from: str, modes: tuple[str, ...]) -> None:
     if init_from not in modes and not is_pretrained(init_from):
         options = ", ".join(f"'{m}'" for m in (*modes, *GPT2_NAMES))
         raise UserError(
-            f"init_from must be {options} or the path of a Hugging Face model folder, got {init_from!r} (no such folder)"
+            f"init_from must be {options}, the path of a Hugging Face model folder, or a checkpoint (a ckpt.pt "
+            f"file or another run's out_dir), got {init_from!r} (no such file or folder)"
         )
+
+
+def load_run_model(path: Path, dropout: float) -> tuple[GPT, dict[str, Any] | None]:
+    """Another run's model from its checkpoint, with this run's dropout, and its vocabulary (meta)."""
+    state = load_checkpoint(path)
+    state["model_args"] = {**state["model_args"], "dropout": dropout}  # dropout is a training choice, not architecture
+    return model_from_checkpoint(state, path), state.get("meta")
 
 
 def load_pretrained(init_from: str, dropout: float = 0.0) -> GPT:
@@ -142,3 +183,117 @@ def check_free_space(folder: Path, needed_bytes: int) -> None:
             f"{folder} has {free / 2**20:.0f} MiB free but checkpoints need about {needed_bytes / 2**20:.0f} MiB; "
             "free some space or choose another --out_dir"
         )
+
+
+# --- sharded (FSDP) checkpoints ----------------------------------------------------------------
+
+
+def sharded_name(filename: str) -> str:
+    """The folder a sharded save uses in place of a single file: ckpt.pt -> ckpt.dcp."""
+    return Path(filename).stem + SHARDED_SUFFIX
+
+
+def is_sharded(path: Path) -> bool:
+    """Whether path is a complete sharded checkpoint folder (DCP metadata and our train state)."""
+    return (path / ".metadata").is_file() and (path / TRAIN_STATE).is_file()
+
+
+def _siblings(path: Path) -> tuple[Path, Path]:
+    """(the temporary folder a save writes into, the folder the previous checkpoint moves aside to)."""
+    return path.with_name(f".{path.name}.tmp"), path.with_name(f".{path.name}.old")
+
+
+def save_sharded(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, train_state: dict[str, Any],
+                 master: bool) -> None:  # fmt: skip
+    """Collective: every process writes its shards of model and optimizer into a temporary
+    folder, rank 0 adds train_state and swaps the folder in for path."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    tmp, old = _siblings(path)
+    if master and tmp.exists():
+        shutil.rmtree(tmp)  # a save killed midway; DCP would mix its files with ours
+    dist.barrier()
+    model_state, optim_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=tmp)  # returns once all shards are on disk
+    if master:
+        save_checkpoint(train_state, tmp / TRAIN_STATE)  # last: its presence marks the folder complete
+        _swap_in(tmp, path, old)
+    dist.barrier()  # nobody reads or writes path before the swap is done
+
+
+def _swap_in(new: Path, path: Path, old: Path) -> None:
+    """Replace the folder path by the folder new; a crash in between leaves both for recover_sharded."""
+    if path.exists():
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(path, old)  # a folder cannot be renamed over a non-empty one in one step
+    os.replace(new, path)
+    _fsync_dir(path.parent)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def recover_sharded(path: Path) -> None:
+    """Complete or undo a save that was killed midway and remove its leftovers (rank 0, at startup)."""
+    tmp, old = _siblings(path)
+    if not path.exists():
+        if is_sharded(tmp):  # killed between the two renames: the new checkpoint is complete
+            os.replace(tmp, path)
+        elif old.exists():
+            os.replace(old, path)
+    for leftover in (tmp, old):
+        if leftover.exists():
+            shutil.rmtree(leftover)
+
+
+def readable_sharded(path: Path) -> Path:
+    """The complete checkpoint folder for path without changing anything on disk (training may
+    be running): path itself, else what a save killed between its renames left."""
+    tmp, old = _siblings(path)
+    for candidate in (path, tmp, old):
+        if is_sharded(candidate):
+            return candidate
+    if path.is_dir():
+        raise UserError(f"{path} is not a complete sharded checkpoint (no .metadata or {TRAIN_STATE})")
+    raise UserError(f"no sharded checkpoint at {path}")
+
+
+def load_train_state(path: Path) -> dict[str, Any]:
+    """The non-tensor part of a sharded checkpoint: step, config, model_args, RNG states, ..."""
+    return _read(path / TRAIN_STATE, ("model_args", "iter_num", "config"))
+
+
+def load_sharded(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
+    """Fill model (and optimizer) from a sharded checkpoint, whatever the number of processes
+    that wrote it: DCP reshards. Without a process group the model is simply unsharded."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    # get_state_dict gives tensors of the right shapes and shards to read into; for an
+    # optimizer that has not stepped yet it creates the (zero) state first.
+    optimizers = [optimizer] if optimizer is not None else []
+    model_state, optim_state = get_state_dict(model, optimizers)
+    state = {"model": model_state, **({"optimizer": optim_state} if optimizer is not None else {})}
+    try:
+        with warnings.catch_warnings():  # without a process group DCP warns that it loads in one process: we mean to
+            warnings.filterwarnings("ignore", message=".*single process")
+            dcp.load(state, checkpoint_id=path, no_dist=not dist.is_initialized())
+    except (Exception, dcp.CheckpointException) as e:  # a BaseException wrapping each rank's error: keys, shapes, files
+        raise UserError(f"sharded checkpoint {path} cannot be loaded into this model: {_first_line(e)}") from None
+    set_state_dict(model, optimizers, model_state_dict=state["model"], optim_state_dict=state.get("optimizer", {}))
+
+
+def _first_line(e: Exception) -> str:
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return lines[-1] if lines else type(e).__name__
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # make renames inside folder durable
+    finally:
+        os.close(fd)

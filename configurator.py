@@ -12,6 +12,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import difflib
+import os
 import sys
 import traceback
 import types
@@ -31,6 +32,11 @@ class UserError(Exception):
 def opt(default: Any, help: str) -> Any:
     """A dataclass field with a one-line meaning for --help."""
     return dataclasses.field(default=default, metadata={"help": help})
+
+
+def show_progress() -> bool:
+    """Progress bars only for a person at a terminal: not under CI, not into a log file."""
+    return not os.environ.get("CI") and sys.stderr.isatty()
 
 
 @contextmanager

@@ -4,6 +4,14 @@ A dataset is a folder data/<name>/ holding train.bin and val.bin (uint16 token i
 the prepare scripts write them) and, for non-GPT-2 vocabularies, meta.pkl (vocab_size,
 stoi, itos). The batch of optimizer step t is a pure function of (seed, t), so a resumed
 run or a run on more processes sees exactly the same data.
+
+A dataset may instead be made of fixed-length examples and ship its own targets (e.g.
+data/addition): meta.pkl then declares example_len = L (train.bin is a run of L-token
+examples) and/or targets_dtype = 'int16' | 'int32', meaning every split has a
+<split>.targets.bin beside <split>.bin, one target per token: targets[i] is what the model
+should predict after token i, -1 = nothing (prompts, padding). Windows are then whole
+examples (block_size = L with its own targets, L - 1 without) and y comes from the targets
+file instead of the next tokens.
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ GPT2_BPE_TOKENS = 50257  # GPT-2's BPE vocabulary: the rows of OpenAI's embeddin
 GPT2_VOCAB_SIZE = 50304  # GPT-2's 50257 padded to a multiple of 64 for faster matmuls
 EVAL_SEED = 20240101  # fixed, so val losses of runs with different seeds are comparable
 FULL_SCAN_LIMIT = 1 << 28  # check every token id at startup for splits up to 256M tokens
+TARGET_DTYPES = ("int16", "int32")  # <split>.targets.bin: signed, for -1 = no target
 
 
 def dataset_dir(dataset: str) -> Path:
@@ -53,25 +62,127 @@ def load_meta(folder: Path) -> dict[str, Any] | None:
         raise UserError(f"{path} is unreadable ({type(e).__name__}); re-run the dataset's prepare script") from None
     if not isinstance(meta, dict) or not isinstance(meta.get("vocab_size"), int) or meta["vocab_size"] <= 0:
         raise UserError(f"{path} has no valid vocab_size; re-run the dataset's prepare script")
+    example_len = meta.get("example_len")
+    if example_len is not None and (not isinstance(example_len, int) or example_len < 2):
+        raise UserError(f"{path} has example_len={example_len!r}; it must be an int of at least 2 (tokens per example)")
+    if meta.get("targets_dtype") not in (None, *TARGET_DTYPES):
+        raise UserError(
+            f"{path} has targets_dtype={meta['targets_dtype']!r}; it must be one of {', '.join(TARGET_DTYPES)}"
+        )
     return meta
 
 
-def open_split(folder: Path, split: str, dataset: str, vocab_size: int) -> np.memmap:
-    """A split's tokens as a read-only memmap, after checking the file is usable."""
+def example_length(meta: dict[str, Any] | None, block_size: int, dataset: str) -> int:
+    """0 for a plain token stream; else the length of the dataset's examples, which block_size must fit."""
+    length = (meta or {}).get("example_len") or 0
+    if not length:
+        return 0
+    own_targets = bool(meta.get("targets_dtype"))
+    wanted = length if own_targets else length - 1  # without its own targets, x and y are an example shifted by one
+    if block_size != wanted:
+        how = "it has its own targets, so a window is one whole example" if own_targets else (
+            "a window is one example, its last token only a target")  # fmt: skip
+        raise UserError(
+            f"dataset '{dataset}' is made of {length}-token examples (meta.pkl example_len) and {how}: "
+            f"set --block_size={wanted} (got {block_size})"
+        )
+    return length
+
+
+@dataclass(frozen=True)
+class TargetedTokens:
+    """A split with its own targets: targets[i] is the token to predict after tokens[i], -1 = none."""
+
+    tokens: np.ndarray
+    targets: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+
+def check_same_vocab(
+    source: dict[str, Any] | None, data: dict[str, Any] | None, source_name: str, dataset: str
+) -> None:
+    """Refuse a dataset whose token ids mean other things than they did to the model trained on source's vocabulary."""
+    if source is None and data is None:
+        return  # both GPT-2 BPE
+    if source is not None and data is not None:
+        if source["vocab_size"] == data["vocab_size"] and source.get("stoi") == data.get("stoi"):
+            return
+        if source["vocab_size"] == data["vocab_size"]:
+            raise UserError(
+                f"dataset '{dataset}' and {source_name} both have {data['vocab_size']} tokens, but not the same "
+                "characters for them; prepare the dataset with the checkpoint's vocabulary"
+            )
+    raise UserError(
+        f"dataset '{dataset}' has {_vocab_name(data)}, but {source_name} was trained on {_vocab_name(source)}; "
+        "the token ids would mean other things: prepare the dataset with the checkpoint's vocabulary"
+    )
+
+
+def _vocab_name(meta: dict[str, Any] | None) -> str:
+    return (
+        "GPT-2 BPE tokens (no meta.pkl)" if meta is None else f"its own vocabulary of {meta['vocab_size']} (meta.pkl)"
+    )
+
+
+def open_split(
+    folder: Path, split: str, dataset: str, vocab_size: int, meta: dict[str, Any] | None = None
+) -> np.memmap | TargetedTokens:
+    """A split's tokens as a read-only memmap, after checking the file is usable; with its
+    targets file too when meta declares targets_dtype."""
     path = folder / f"{split}.bin"
+    data = _open_checked(path, np.dtype(np.uint16), dataset, "uint16 tokens")
+    if len(data) <= FULL_SCAN_LIMIT:
+        check_token_ids(data, vocab_size, str(path))
+    example_len = (meta or {}).get("example_len")
+    if example_len and len(data) % example_len:
+        raise UserError(
+            f"{path} holds {len(data)} tokens, not a whole number of {example_len}-token examples (meta.pkl "
+            f"example_len; truncated?); {prepare_hint(dataset)}"
+        )
+    if not (meta or {}).get("targets_dtype"):
+        return data
+    return TargetedTokens(data, open_targets(folder, split, dataset, vocab_size, meta, len(data)))
+
+
+def open_targets(
+    folder: Path, split: str, dataset: str, vocab_size: int, meta: dict[str, Any], n_tokens: int
+) -> np.memmap:
+    """<split>.targets.bin as a read-only memmap, checked: one target per token, each -1 or a token id."""
+    path = folder / f"{split}.targets.bin"
+    dtype = np.dtype(meta["targets_dtype"])
+    if not path.exists():
+        raise UserError(
+            f"dataset '{dataset}' declares its own targets (meta.pkl targets_dtype) but has no {path}; "
+            f"{prepare_hint(dataset)}"
+        )
+    targets = _open_checked(path, dtype, dataset, f"{dtype.name} targets")
+    if len(targets) != n_tokens:
+        raise UserError(
+            f"{path} holds {len(targets)} targets but {split}.bin holds {n_tokens} tokens; they must match one to one "
+            f"(truncated?); {prepare_hint(dataset)}"
+        )
+    if len(targets) <= FULL_SCAN_LIMIT:
+        bad = (targets < -1) | (targets >= vocab_size)
+        if bad.any():
+            raise UserError(f"{path} holds target {int(targets[bad][0])}; targets must be -1 or below {vocab_size}")
+        if (targets == -1).all():
+            raise UserError(f"{path} has no target to learn (every one is -1); {prepare_hint(dataset)}")
+    return targets
+
+
+def _open_checked(path: Path, dtype: np.dtype, dataset: str, what: str) -> np.memmap:
+    """A memmap of path, after checking the file exists, is not empty and holds whole items."""
     if not path.exists():
         raise UserError(f"dataset '{dataset}' has no {path}; {prepare_hint(dataset)}")
     size = path.stat().st_size
     if size == 0:
         raise UserError(f"{path} is empty; {prepare_hint(dataset)}")
-    if size % 2:
-        raise UserError(
-            f"{path} has an odd number of bytes, so it is not uint16 tokens (truncated?); {prepare_hint(dataset)}"
-        )
-    data = np.memmap(path, dtype=np.uint16, mode="r")
-    if len(data) <= FULL_SCAN_LIMIT:
-        check_token_ids(data, vocab_size, str(path))
-    return data
+    if size % dtype.itemsize:
+        odd = "an odd number of" if dtype.itemsize == 2 else f"{size} (not a multiple of {dtype.itemsize})"
+        raise UserError(f"{path} has {odd} bytes, so it is not {what} (truncated?); {prepare_hint(dataset)}")
+    return np.memmap(path, dtype=dtype, mode="r")
 
 
 def check_token_ids(tokens: np.ndarray, vocab_size: int, where: str) -> None:
@@ -89,6 +200,7 @@ class BatchSampler:
 
     mode 'random' draws windows anywhere with replacement (nanoGPT's way); 'epoch' cuts
     the split into non-overlapping windows and visits each once per epoch, reshuffled.
+    With example_len > 0 the windows are whole examples: they start at multiples of it.
     """
 
     n_tokens: int
@@ -97,18 +209,23 @@ class BatchSampler:
     micro_steps: int  # gradient_accumulation_steps summed over every process
     seed: int
     mode: str = "random"
+    example_len: int = 0  # 0: windows start anywhere (a token stream)
     _perms: dict[int, np.ndarray] = field(default_factory=dict, repr=False)
 
     def offsets(self, step: int, micro_step: int) -> np.ndarray:
         if self.mode == "random":
             rng = np.random.default_rng([self.seed, step])
+            if self.example_len:  # a random example index each, scaled to its first token
+                index = rng.integers(0, self.n_tokens // self.example_len, size=(self.micro_steps, self.batch_size))
+                return index[micro_step] * self.example_len
             starts = rng.integers(0, self.n_tokens - self.block_size, size=(self.micro_steps, self.batch_size))
             return starts[micro_step]
-        n_windows = (self.n_tokens - 1) // self.block_size
+        stride = self.example_len or self.block_size
+        n_windows = self.n_tokens // stride if self.example_len else (self.n_tokens - 1) // self.block_size
         first = (step * self.micro_steps + micro_step) * self.batch_size
         index = np.arange(first, first + self.batch_size)
         epochs, slots = np.divmod(index, n_windows)
-        return np.array([self._perm(int(e), n_windows)[s] for e, s in zip(epochs, slots)]) * self.block_size
+        return np.array([self._perm(int(e), n_windows)[s] for e, s in zip(epochs, slots)]) * stride
 
     def _perm(self, epoch: int, n_windows: int) -> np.ndarray:
         if epoch not in self._perms:
@@ -116,9 +233,19 @@ class BatchSampler:
         return self._perms[epoch]
 
 
-def eval_offsets(n_tokens: int, block_size: int, batch_size: int, eval_iters: int) -> np.ndarray:
+def eval_offsets(n_tokens: int, block_size: int, batch_size: int, eval_iters: int, example_len: int = 0) -> np.ndarray:
     """Fixed evaluation windows, (n_batches, batch_size): eval_iters random batches drawn
-    with a constant seed, or with eval_iters=0 the whole split in consecutive windows."""
+    with a constant seed, or with eval_iters=0 the whole split in consecutive windows.
+    With example_len > 0 the windows are whole examples: distinct ones (a fixed shuffle)
+    while the split has enough, or with eval_iters=0 every example once."""
+    if example_len:
+        n_examples = n_tokens // example_len
+        if eval_iters > 0:
+            order = np.random.default_rng(EVAL_SEED).permutation(n_examples)
+            return np.resize(order, (eval_iters, batch_size)) * example_len  # np.resize repeats a short split
+        starts = np.arange(n_examples) * example_len
+        pad = (-len(starts)) % batch_size
+        return np.concatenate([starts, np.full(pad, -1)]).reshape(-1, batch_size)
     if eval_iters > 0:
         rng = np.random.default_rng(EVAL_SEED)
         return rng.integers(0, n_tokens - block_size, size=(eval_iters, batch_size))
@@ -127,13 +254,21 @@ def eval_offsets(n_tokens: int, block_size: int, batch_size: int, eval_iters: in
     return np.concatenate([starts, np.full(pad, -1)]).reshape(-1, batch_size)
 
 
-def get_batch(data: np.ndarray, offsets: np.ndarray, block_size: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inputs x and next-token targets y, each (B, T), for windows starting at offsets.
+def get_batch(
+    data: np.ndarray | TargetedTokens, offsets: np.ndarray, block_size: int, device: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs x and targets y, each (B, T), for windows starting at offsets: y is the next
+    tokens, or for a split with its own targets the targets of x's tokens.
     An offset of -1 (padding of the last eval batch) yields targets of -1, ignored by the loss."""
     pad = offsets < 0
-    window = np.clip(offsets, 0, None)[:, None] + np.arange(block_size + 1)  # (B, T+1)
-    chunk = torch.from_numpy(data[window].astype(np.int64))
-    x, y = chunk[:, :-1], chunk[:, 1:].clone()
+    if isinstance(data, TargetedTokens):
+        window = np.clip(offsets, 0, None)[:, None] + np.arange(block_size)  # (B, T)
+        x = torch.from_numpy(data.tokens[window].astype(np.int64))
+        y = torch.from_numpy(data.targets[window].astype(np.int64))
+    else:
+        window = np.clip(offsets, 0, None)[:, None] + np.arange(block_size + 1)  # (B, T+1)
+        chunk = torch.from_numpy(data[window].astype(np.int64))
+        x, y = chunk[:, :-1], chunk[:, 1:].clone()
     if pad.any():
         y[torch.from_numpy(pad)] = -1
     if device.startswith("cuda"):

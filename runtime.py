@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import re
-import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -46,6 +45,8 @@ class Runtime:
     rank: int = 0
     local_rank: int = 0
     world_size: int = 1
+    cast_by_fsdp: bool = False  # FSDP's mixed-precision policy casts the parameters, so no autocast
+    owns_group: bool = False  # setup_runtime made the process group, so teardown ends it
 
     @property
     def device_type(self) -> str:
@@ -65,8 +66,8 @@ class Runtime:
         return self.rank == 0
 
     def autocast(self) -> Any:
-        """Mixed precision for the forward pass; a no-op in float32."""
-        if self.dtype == "float32":
+        """Mixed precision for the forward pass; a no-op in float32 or when FSDP does the casting."""
+        if self.dtype == "float32" or self.cast_by_fsdp:
             return nullcontext()
         return torch.autocast(device_type=self.device_type, dtype=self.ptdtype)
 
@@ -103,12 +104,18 @@ def resolve_dtype(dtype: str, device: str) -> str:
     return "float32"
 
 
-def setup_runtime(device: str = "auto", dtype: str = "auto", backend: str = "auto") -> Runtime:
-    """Pick device and dtype, and join the process group when launched by torchrun."""
+def setup_runtime(device: str = "auto", dtype: str = "auto", backend: str = "auto", group: bool = False) -> Runtime:
+    """Pick device and dtype, and join the process group when launched by torchrun.
+
+    group=True makes a process group of one when not launched by torchrun (FSDP needs one).
+    """
     rank = int(os.environ.get("RANK", -1))
     if rank == -1:
         dev = resolve_device(device)
         rt = Runtime(device=dev, dtype=resolve_dtype(dtype, dev))
+        if group and not torch.distributed.is_initialized():
+            _init_group(_backend(backend, dev), dev, store=torch.distributed.HashStore(), rank=0, world_size=1)
+            rt.owns_group = True
     else:
         local_rank = int(os.environ["LOCAL_RANK"])
         world_size = int(os.environ["WORLD_SIZE"])
@@ -116,26 +123,32 @@ def setup_runtime(device: str = "auto", dtype: str = "auto", backend: str = "aut
         if dev.startswith("cuda"):
             dev = f"cuda:{local_rank}"
             torch.cuda.set_device(dev)
-        if backend == "auto":
-            backend = "nccl" if dev.startswith("cuda") else "gloo"
-        if not torch.distributed.is_initialized():
-            torch.distributed.init_process_group(
-                backend=backend, device_id=torch.device(dev) if dev.startswith("cuda") else None
-            )
-        rt = Runtime(dev, resolve_dtype(dtype, dev), rank, local_rank, world_size)
+        owns_group = not torch.distributed.is_initialized()  # a caller's own group stays theirs
+        if owns_group:
+            _init_group(_backend(backend, dev), dev)
+        rt = Runtime(dev, resolve_dtype(dtype, dev), rank, local_rank, world_size, owns_group=owns_group)
     if rt.device_type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 tensor cores for float32 matmuls
         torch.backends.cudnn.allow_tf32 = True
     return rt
 
 
-def show_progress() -> bool:
-    """Progress bars only for a person at a terminal: not under CI, not into a log file."""
-    return not os.environ.get("CI") and sys.stderr.isatty()
+def _backend(backend: str, device: str) -> str:
+    """'auto' -> nccl on CUDA, gloo elsewhere."""
+    if backend != "auto":
+        return backend
+    return "nccl" if device.startswith("cuda") else "gloo"
+
+
+def _init_group(backend: str, device: str, **kwargs: Any) -> None:
+    """init_process_group; by default from torchrun's environment variables (env://)."""
+    device_id = torch.device(device) if device.startswith("cuda") else None
+    torch.distributed.init_process_group(backend=backend, device_id=device_id, **kwargs)
 
 
 def teardown(rt: Runtime) -> None:
-    if torch.distributed.is_initialized():
+    """Leave the process group setup_runtime joined; one the caller made is left to the caller."""
+    if rt.owns_group and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
 
 

@@ -18,9 +18,9 @@ from tqdm import tqdm
 
 import checkpoint as ckpt_io
 import dataset as ds
-from configurator import UserError, cli_errors, load_config, opt
+from configurator import UserError, cli_errors, load_config, opt, show_progress
 from model import GPT
-from runtime import setup_runtime, show_progress, teardown
+from runtime import setup_runtime, teardown
 
 
 @dataclass

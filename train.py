@@ -2,6 +2,7 @@
 
     python train.py config/shakespeare_char.py --batch_size=32
     torchrun --standalone --nproc_per_node=8 train.py config/train_gpt2.py
+    torchrun --standalone --nproc_per_node=8 train.py config/train_gpt2.py --parallel=fsdp
 
 Every key, its default and meaning: python train.py --help
 """
@@ -15,7 +16,6 @@ import os
 import signal
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,9 +26,10 @@ from tqdm import tqdm
 
 import checkpoint as ckpt_io
 import dataset as ds
-from configurator import UserError, cli_errors, opt, read_overrides
+import parallel
+from configurator import UserError, cli_errors, opt, read_overrides, show_progress
 from model import GPT, GPTConfig
-from runtime import Runtime, peak_flops, setup_runtime, show_progress, teardown
+from runtime import Runtime, peak_flops, setup_runtime, teardown
 
 ARCH_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size")
 
@@ -47,7 +48,8 @@ class TrainConfig:
     init_from: str = opt(
         "scratch",
         "'scratch', 'resume' (from out_dir/ckpt.pt), or pretrained GPT-2: gpt2, gpt2-medium, gpt2-large, gpt2-xl "
-        "(Hugging Face hub) or the path of a local Hugging Face model folder",
+        "(Hugging Face hub) or the path of a local Hugging Face model folder, or another run's checkpoint (a ckpt.pt "
+        "path or its out_dir) to start a new run from its weights",
     )
     # wandb
     wandb_log: bool = opt(False, "log metrics to Weights & Biases")
@@ -58,6 +60,9 @@ class TrainConfig:
     # data
     dataset: str = opt("shakespeare_char", "data/<dataset>/ with train.bin, val.bin (and meta.pkl), or a folder path")
     gradient_accumulation_steps: int = opt(1, "micro-steps per optimizer step, summed over all processes")
+    total_batch_size: int = opt(
+        0, "tokens per optimizer step; sets gradient_accumulation_steps to it / (batch_size * block_size); 0 = unused"
+    )
     batch_size: int = opt(12, "sequences per micro-step per process")
     block_size: int = opt(1024, "context length in tokens")
     sampler: str = opt("random", "'random' windows (nanoGPT) or 'epoch' (each window once per epoch)")
@@ -87,6 +92,14 @@ class TrainConfig:
         "auto", "auto (bfloat16 where supported, float16 on older GPUs, float32 on CPU), float32, bfloat16, float16"
     )
     compile: bool = opt(True, "torch.compile the model (PyTorch 2)")
+    parallel: str = opt(
+        "ddp",
+        "with several processes (torchrun): 'ddp' (a full copy of the model on each) or 'fsdp' (FSDP2: "
+        "parameters, gradients and optimizer state sharded; checkpoints are folders, ckpt.dcp)",
+    )
+    activation_checkpointing: bool = opt(
+        False, "recompute each block's activations in backward: less memory, a third more compute"
+    )
     seed: int = opt(1337, "seed for initialisation, dropout and the data order")
     peak_flops: float = opt(0.0, "device peak FLOP/s for MFU; 0 = known GPU table or a measured matmul")
 
@@ -99,6 +112,7 @@ class TrainConfig:
         for key in (
             "eval_iters",
             "eval_sample_tokens",
+            "total_batch_size",
             "max_iters",
             "warmup_iters",
             "lr_decay_iters",
@@ -124,6 +138,15 @@ class TrainConfig:
             raise UserError(f"sampler must be 'random' or 'epoch', got {self.sampler!r}")
         if self.backend not in ("auto", "nccl", "gloo"):
             raise UserError(f"backend must be auto, nccl or gloo, got {self.backend!r}")
+        parallel.check_mode(self.parallel, self.dtype)
+        micro_tokens = self.batch_size * self.block_size
+        if self.total_batch_size % micro_tokens:
+            nearest = max(1, round(self.total_batch_size / micro_tokens)) * micro_tokens
+            raise UserError(
+                f"total_batch_size ({self.total_batch_size}) must be a multiple of batch_size * block_size "
+                f"({self.batch_size} * {self.block_size} = {micro_tokens} tokens per micro-step); "
+                f"e.g. --total_batch_size={nearest}"
+            )
 
 
 class Interrupted(Exception):
@@ -150,18 +173,24 @@ def get_lr(it: int, cfg: TrainConfig) -> float:
 @torch.no_grad()
 def estimate_loss(model: torch.nn.Module, splits: dict[str, np.ndarray], offsets: dict[str, np.ndarray],
                   rt: Runtime, block_size: int) -> dict[str, float]:  # fmt: skip
-    """Mean loss per split over its fixed eval batches; batches are shared out over ranks."""
+    """Mean loss per split over its fixed eval batches; batches are shared out over ranks.
+
+    Every rank runs the same number of forward passes (under FSDP each one is collective):
+    where the batches do not divide evenly, ranks short of one repeat a batch with weight 0.
+    """
     model.eval()
     out = {}
     for split, data in splits.items():
         total = torch.zeros(2, dtype=torch.float64, device=rt.device)  # (loss * tokens, tokens)
-        mine = range(rt.rank, len(offsets[split]), rt.world_size)
-        long_eval = len(mine) >= 500 and rt.master and show_progress()  # e.g. eval_iters=0 on a big split
-        for i in tqdm(mine, desc=f"eval {split}", unit="batch", leave=False, disable=not long_eval):
-            x, y = ds.get_batch(data, offsets[split][i], block_size, rt.device)
+        n_batches = len(offsets[split])
+        rounds = -(-n_batches // rt.world_size)
+        long_eval = rounds >= 500 and rt.master and show_progress()  # e.g. eval_iters=0 on a big split
+        for r in tqdm(range(rounds), desc=f"eval {split}", unit="batch", leave=False, disable=not long_eval):
+            i = r * rt.world_size + rt.rank
+            x, y = ds.get_batch(data, offsets[split][min(i, n_batches - 1)], block_size, rt.device)
             with rt.autocast():
                 _, loss = model(x, y)
-            n = (y != -1).sum()
+            n = (y != -1).sum() * (i < n_batches)
             total += torch.stack([loss.double() * n, n.double()])
         if rt.distributed:
             torch.distributed.all_reduce(total)
@@ -231,13 +260,24 @@ def _in_main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
+def checkpoint_path(out_dir: Path, name: str, sharded: bool) -> Path:
+    """Where checkpoint name (ckpt.pt, best.pt) lives: the file, or under FSDP its folder (ckpt.dcp)."""
+    return out_dir / (ckpt_io.sharded_name(name) if sharded else name)
+
+
 def _resume_state(cfg: TrainConfig, explicit: set[str], out_dir: Path) -> tuple[TrainConfig, dict[str, Any]]:
-    """Load out_dir/ckpt.pt; its architecture (and seed) win unless set explicitly, and an
-    explicit architecture key that disagrees with it is an error."""
-    path = out_dir / "ckpt.pt"
-    if not path.exists():
-        raise UserError(f"init_from=resume but there is no checkpoint at {path}; train with init_from=scratch first")
-    state = ckpt_io.load_checkpoint(path)
+    """Load out_dir/ckpt.pt (under FSDP the non-tensor part of ckpt.dcp); its architecture (and
+    seed) win unless set explicitly, and an explicit architecture key that disagrees is an error."""
+    sharded = cfg.parallel == "fsdp"
+    path, other = checkpoint_path(out_dir, "ckpt.pt", sharded), checkpoint_path(out_dir, "ckpt.pt", not sharded)
+    if not (ckpt_io.is_sharded(path) if sharded else path.exists()):
+        raise UserError(f"init_from=resume but there is no checkpoint at {path}; " + _other_format_hint(other, cfg))
+    state = ckpt_io.load_train_state(path) if sharded else ckpt_io.load_checkpoint(path)
+    if not sharded and "optimizer" not in state:
+        raise UserError(
+            f"{path} has no optimizer state (consolidate.py --optimizer=False), so training cannot continue "
+            "exactly from it; consolidate again without --optimizer=False"
+        )
     changes = {}
     for key, value in state["model_args"].items():
         if key in ARCH_KEYS[:-1] or key == "dropout":
@@ -252,10 +292,51 @@ def _resume_state(cfg: TrainConfig, explicit: set[str], out_dir: Path) -> tuple[
     return dataclasses.replace(cfg, **changes), state
 
 
+def _other_format_hint(other: Path, cfg: TrainConfig) -> str:
+    """What to do when out_dir holds a checkpoint of the other kind (single file vs sharded folder)."""
+    if cfg.parallel == "fsdp" and other.is_file():
+        return f"{other} is a single-file checkpoint (from ddp or one process): resume it with --parallel=ddp"
+    if cfg.parallel != "fsdp" and ckpt_io.is_sharded(other):
+        return (
+            f"{other} is a sharded checkpoint: resume it with --parallel=fsdp, or make a single file of it "
+            f"first (python consolidate.py --out_dir={cfg.out_dir})"
+        )
+    return "train with init_from=scratch first"
+
+
+def accumulation_steps(cfg: TrainConfig, explicit: set[str] | frozenset[str], world_size: int) -> int:
+    """Micro-steps per optimizer step over all processes: gradient_accumulation_steps, or derived
+    from total_batch_size; a value set by hand (anything but the default 1) must agree with it."""
+    steps, micro_tokens = cfg.gradient_accumulation_steps, cfg.batch_size * cfg.block_size
+    if cfg.total_batch_size:
+        derived = cfg.total_batch_size // micro_tokens  # a multiple, checked in TrainConfig
+        if steps != derived and ("gradient_accumulation_steps" in explicit or steps != 1):
+            raise UserError(
+                f"total_batch_size={cfg.total_batch_size} means gradient_accumulation_steps={derived} "
+                f"({cfg.total_batch_size} / ({cfg.batch_size} * {cfg.block_size})), but gradient_accumulation_steps="
+                f"{steps} is set too; set only one of them"
+            )
+        steps = derived
+    if steps % world_size == 0:
+        return steps
+    if cfg.total_batch_size:
+        multiple = micro_tokens * world_size
+        raise UserError(
+            f"total_batch_size={cfg.total_batch_size} makes {steps} micro-steps of batch_size * block_size = "
+            f"{micro_tokens} tokens, which {world_size} processes cannot share evenly; make total_batch_size a "
+            f"multiple of {multiple} (e.g. --total_batch_size={max(1, round(steps / world_size)) * multiple})"
+        )
+    raise UserError(
+        f"gradient_accumulation_steps ({steps}) must be divisible by the world size ({world_size}); "
+        f"use a multiple of {world_size}"
+    )
+
+
 def _pretrained_state(cfg: TrainConfig, explicit: set[str]) -> tuple[TrainConfig, GPT]:
-    """Load pretrained GPT-2 weights; their architecture wins over defaults, an explicit key that
-    disagrees is an error, except a smaller block_size (the model is cropped to it later)."""
-    model = ckpt_io.load_pretrained(cfg.init_from, cfg.dropout)
+    """Load pretrained weights (GPT-2 or another run's checkpoint); their architecture wins over defaults,
+    an explicit key that disagrees is an error, except a smaller block_size (the model is cropped to it later)."""
+    source = ckpt_io.run_checkpoint(cfg.init_from)
+    model = ckpt_io.load_pretrained(cfg.init_from, cfg.dropout) if source is None else _run_model(source, cfg)
     changes = {}
     for key in ARCH_KEYS[:-1]:  # vocab_size is not a config key
         value = getattr(model.config, key)
@@ -269,13 +350,26 @@ def _pretrained_state(cfg: TrainConfig, explicit: set[str]) -> tuple[TrainConfig
     return dataclasses.replace(cfg, **changes), model
 
 
+def _run_model(source: Path, cfg: TrainConfig) -> GPT:
+    """Another run's model, for a new run from its weights (fresh optimizer and schedule), if its
+    vocabulary is the dataset's and the new run would not overwrite its checkpoints."""
+    if source.resolve().parent == Path(cfg.out_dir).resolve():
+        raise UserError(
+            f"init_from={cfg.init_from} is in this run's own out_dir; continue that run with init_from=resume, "
+            "or give the new run another out_dir"
+        )
+    model, source_meta = ckpt_io.load_run_model(source, cfg.dropout)
+    ds.check_same_vocab(source_meta, ds.load_meta(ds.dataset_dir(cfg.dataset)), str(source), cfg.dataset)
+    return model
+
+
 def train(cfg: TrainConfig, explicit: set[str] | frozenset[str] = frozenset()) -> dict[str, Any]:
     """Run training (or eval_only) as cfg says; return the final metrics.
 
     explicit names the keys the user set on the command line or in config files; on resume
     the checkpoint's architecture wins over defaults but must agree with explicit keys.
     """
-    rt = setup_runtime(cfg.device, cfg.dtype, cfg.backend)
+    rt = setup_runtime(cfg.device, cfg.dtype, cfg.backend, group=cfg.parallel == "fsdp")
     try:
         return _train(cfg, set(explicit), rt)
     finally:
@@ -284,16 +378,16 @@ def train(cfg: TrainConfig, explicit: set[str] | frozenset[str] = frozenset()) -
 
 def _train(cfg: TrainConfig, explicit: set[str], rt: Runtime) -> dict[str, Any]:
     out_dir = Path(cfg.out_dir)
+    sharded = cfg.parallel == "fsdp"  # then there is always a process group, of one process at least
+    parallel.check_mode(cfg.parallel, rt.dtype)
+    if sharded:
+        _recover_sharded(out_dir, rt)
     state, pretrained = None, None
     if cfg.init_from == "resume":
         cfg, state = _resume_state(cfg, explicit, out_dir)
     elif cfg.init_from != "scratch":
         cfg, pretrained = _pretrained_state(cfg, explicit)
-    if cfg.gradient_accumulation_steps % rt.world_size:
-        raise UserError(
-            f"gradient_accumulation_steps ({cfg.gradient_accumulation_steps}) must be divisible by the "
-            f"world size ({rt.world_size}); use a multiple of {rt.world_size}"
-        )
+    cfg = dataclasses.replace(cfg, gradient_accumulation_steps=accumulation_steps(cfg, explicit, rt.world_size))
     micro_per_rank = cfg.gradient_accumulation_steps // rt.world_size
 
     # Data: check everything before any work starts.
@@ -304,16 +398,18 @@ def _train(cfg: TrainConfig, explicit: set[str], rt: Runtime) -> dict[str, Any]:
         vocab_size = state["model_args"]["vocab_size"]
     if pretrained is not None:
         vocab_size = _pretrained_vocab(pretrained, meta, cfg)
-    splits = {s: ds.open_split(folder, s, cfg.dataset, vocab_size) for s in ("train", "val")}
+    example_len = ds.example_length(meta, cfg.block_size, cfg.dataset)  # 0, or windows are whole examples
+    splits = {s: ds.open_split(folder, s, cfg.dataset, vocab_size, meta) for s in ("train", "val")}
     for split, data in splits.items():
         if len(data) <= cfg.block_size + 1:
             raise UserError(
                 f"block_size ({cfg.block_size}) is not shorter than the {split} split ({len(data)} tokens); lower block_size"
             )
     sampler = ds.BatchSampler(len(splits["train"]), cfg.block_size, cfg.batch_size, cfg.gradient_accumulation_steps,
-                              cfg.seed, cfg.sampler)  # fmt: skip
+                              cfg.seed, cfg.sampler, example_len)  # fmt: skip
     eval_offsets = {
-        s: ds.eval_offsets(len(d), cfg.block_size, cfg.batch_size, cfg.eval_iters) for s, d in splits.items()
+        s: ds.eval_offsets(len(d), cfg.block_size, cfg.batch_size, cfg.eval_iters, example_len)
+        for s, d in splits.items()
     }
 
     # Output folder: must be writable before we spend time training.
@@ -328,8 +424,9 @@ def _train(cfg: TrainConfig, explicit: set[str], rt: Runtime) -> dict[str, Any]:
         except OSError as e:
             raise UserError(f"out_dir {out_dir} is not writable: {e.strerror}") from None
 
-    # Model.
-    torch.manual_seed(cfg.seed + rt.rank)
+    # Model: the same initial weights on every rank (FSDP shards them as they are, DDP would
+    # broadcast rank 0's), then a seed per rank for distinct dropout masks.
+    torch.manual_seed(cfg.seed)
     model_args = dict(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, block_size=cfg.block_size,
                       bias=cfg.bias, vocab_size=vocab_size, dropout=cfg.dropout)  # fmt: skip
     if state is not None:  # keys TrainConfig does not have (gelu_approximate) come from the checkpoint
@@ -341,18 +438,28 @@ def _train(cfg: TrainConfig, explicit: set[str], rt: Runtime) -> dict[str, Any]:
         model_args = dataclasses.asdict(model.config)  # recorded in checkpoints, so resume rebuilds this model
     else:
         model = GPT(GPTConfig(**model_args))
-    if state is not None:
-        ckpt_io.load_weights(model, state["model"], out_dir / "ckpt.pt")
+    torch.manual_seed(cfg.seed + rt.rank)
+    resume_path = checkpoint_path(out_dir, "ckpt.pt", sharded)
+    if state is not None and not sharded:
+        ckpt_io.load_weights(model, state["model"], resume_path)
     model.to(rt.device)
     if rt.master and not cfg.eval_only:
         n_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         ckpt_io.check_free_space(out_dir, 2 * 3 * n_bytes)  # ckpt.pt + best.pt, each weights + 2 Adam moments
+    if cfg.activation_checkpointing:
+        parallel.checkpoint_activations(model)
+    if sharded:
+        parallel.shard(model, rt)
+        rt.cast_by_fsdp = True  # its mixed-precision policy computes in bfloat16; autocast would only add casts
 
     scaler = rt.grad_scaler()
     optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), rt.device_type)
     iter_num, best_val_loss, best_iter = 0, float("inf"), None
     if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
+        if sharded:
+            ckpt_io.load_sharded(resume_path, model, optimizer)
+        else:
+            optimizer.load_state_dict(state["optimizer"])
         if "scaler" in state:
             scaler.load_state_dict(state["scaler"])
         iter_num, best_val_loss = state["iter_num"], state.get("best_val_loss", float("inf"))
@@ -361,13 +468,15 @@ def _train(cfg: TrainConfig, explicit: set[str], rt: Runtime) -> dict[str, Any]:
             rngs = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]
             if len(rngs) == rt.world_size:  # another world size cannot continue the same dropout streams
                 ckpt_io.set_rng_state(rngs[rt.rank])
-    raw_model = model
+            elif rt.master:
+                print(f"note: the checkpoint was written by {len(rngs)} processes, this run has {rt.world_size}: "
+                      "same data order, but new dropout random streams")  # fmt: skip
+    raw_model = model  # under FSDP the sharded model itself: checkpoints and sampling go through it
     if cfg.compile:
         model = torch.compile(model)
-    if rt.distributed:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        model = DDP(model, device_ids=[rt.local_rank] if rt.device_type == "cuda" else None)
+    mode = cfg.parallel if rt.distributed else None  # how gradients meet: None, 'ddp' or 'fsdp'
+    if mode == "ddp":
+        model = parallel.wrap_ddp(model, rt)
 
     tokens_per_step = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
     peak = peak_flops(rt, cfg.peak_flops)
@@ -379,30 +488,30 @@ def _train(cfg: TrainConfig, explicit: set[str], rt: Runtime) -> dict[str, Any]:
             f"{raw_model.flops_per_token() / 1e6:.3g} MFLOP per token"
         )
 
-    def save(path: Path, evaluated: bool) -> None:
-        """Collective: every rank hands over its RNG state, rank 0 writes the file."""
+    def save(name: str, evaluated: bool) -> None:
+        """Collective: every rank hands over its RNG state; rank 0 writes the file, or under
+        FSDP every rank writes its shards into the checkpoint folder."""
         rngs = [ckpt_io.rng_state()]
         if rt.distributed:
             rngs = [None] * rt.world_size
             torch.distributed.all_gather_object(rngs, ckpt_io.rng_state())
-        if not rt.master:
-            return
-        ckpt_io.save_checkpoint(
-            {
-                "model": raw_model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict(),
-                "model_args": model_args,
-                "iter_num": iter_num,
-                "best_val_loss": best_val_loss,
-                "best_iter": best_iter,
-                "config": dataclasses.asdict(cfg),
-                "meta": meta,  # the vocabulary, so sample.py decodes without the dataset folder
-                "rng": rngs,
-                "evaluated": evaluated,  # whether the eval at iter_num is done (resume skips it then)
-            },
-            path,
-        )
+        train_state = {
+            "scaler": scaler.state_dict(),
+            "model_args": model_args,
+            "iter_num": iter_num,
+            "best_val_loss": best_val_loss,
+            "best_iter": best_iter,
+            "config": dataclasses.asdict(cfg),
+            "meta": meta,  # the vocabulary, so sample.py decodes without the dataset folder
+            "rng": rngs,
+            "evaluated": evaluated,  # whether the eval at iter_num is done (resume skips it then)
+        }
+        path = checkpoint_path(out_dir, name, sharded)
+        if sharded:
+            ckpt_io.save_sharded(path, raw_model, optimizer, {**train_state, "world_size": rt.world_size}, rt.master)
+        elif rt.master:
+            state = {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), **train_state}
+            ckpt_io.save_checkpoint(state, path)
 
     caught, previous = _signal_catcher()
     t_start = time.time()
@@ -428,17 +537,19 @@ def _train(cfg: TrainConfig, explicit: set[str], rt: Runtime) -> dict[str, Any]:
                     print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
                     log.write({"iter": iter_num, "train_loss": losses["train"], "val_loss": losses["val"], "lr": lr,
                                "tokens_seen": tokens_seen, "elapsed_s": round(time.time() - t_start, 3)})  # fmt: skip
-                    if cfg.eval_sample_tokens:
-                        text = eval_sample(raw_model, meta, cfg.eval_sample_tokens, rt)
+                # Under FSDP every forward pass is collective, so every rank generates the (same) sample.
+                if cfg.eval_sample_tokens and (rt.master or sharded):
+                    text = eval_sample(raw_model, meta, cfg.eval_sample_tokens, rt)
+                    if rt.master:
                         print(f"sample at step {iter_num}:\n{text}\n---------------")
                         log.write_text(iter_num, text)
-                    if cfg.plot and log.enabled:
-                        refresh_plot(out_dir)
+                if cfg.plot and log.enabled:
+                    refresh_plot(out_dir)
                 if iter_num > 0 and not cfg.eval_only:
                     if cfg.always_save_checkpoint or improved:
-                        save(out_dir / "ckpt.pt", evaluated=True)
+                        save("ckpt.pt", evaluated=True)
                     if improved:
-                        save(out_dir / "best.pt", evaluated=True)
+                        save("best.pt", evaluated=True)
                 if rt.distributed:
                     torch.distributed.barrier()  # no rank races past a checkpoint being written
                 eval_time += time.perf_counter() - t_eval
@@ -450,18 +561,17 @@ def _train(cfg: TrainConfig, explicit: set[str], rt: Runtime) -> dict[str, Any]:
             for micro in range(micro_per_rank):
                 offsets = sampler.offsets(iter_num, rt.rank * micro_per_rank + micro)
                 x, y = ds.get_batch(splits["train"], offsets, cfg.block_size, rt.device)
-                sync = micro == micro_per_rank - 1
-                no_sync = model.no_sync() if rt.distributed and not sync else nullcontext()
-                with no_sync, rt.autocast():
-                    _, loss = model(x, y)
-                    loss = loss / micro_per_rank  # each rank averages its micro-steps; DDP averages ranks
-                loss_sum += loss.detach()
-                with no_sync:
+                # Gradients are averaged over ranks only after the last micro-step; before, they accumulate.
+                with parallel.grad_sync(model, raw_model, mode, sync=micro == micro_per_rank - 1):
+                    with rt.autocast():
+                        _, loss = model(x, y)
+                        loss = loss / micro_per_rank  # each rank averages its micro-steps; DDP/FSDP average ranks
+                    loss_sum += loss.detach()
                     scaler.scale(loss).backward()
             scaler.unscale_(optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip or float("inf"))
-            if rt.distributed:
-                torch.distributed.all_reduce(loss_sum, op=torch.distributed.ReduceOp.AVG)
+            grad_norm = parallel.full_value(grad_norm)  # under FSDP a DTensor: the norm over all shards
+            stop = _stop_requested(loss_sum, caught, rt)  # also averages loss_sum over ranks
             finite = math.isfinite(loss_sum.item()) and (scaler.is_enabled() or math.isfinite(grad_norm.item()))
             if not finite and not cfg.skip_nonfinite:
                 raise UserError(
@@ -489,13 +599,15 @@ def _train(cfg: TrainConfig, explicit: set[str], rt: Runtime) -> dict[str, Any]:
                       f"{tps:,.0f} tok/s, mfu {mfu * 100:.2f}%, eta {_duration(eta)}")  # fmt: skip
                 last = {"iter": iter_num, "loss": step_loss, "lr": lr, "tokens_per_sec": tps, "mfu": mfu}
                 log.write(last)
-            if caught:
-                save(out_dir / "ckpt.pt", evaluated=False)
+            if stop or (caught and not rt.distributed):
+                save("ckpt.pt", evaluated=False)
+                signum = caught[0] if caught else signal.SIGTERM  # this rank may not have got the signal itself
+                saved = checkpoint_path(out_dir, "ckpt.pt", sharded)
                 if rt.master:
-                    print(f"caught {signal.Signals(caught[0]).name}: saved {out_dir / 'ckpt.pt'} at step {iter_num}")
+                    print(f"caught {signal.Signals(signum).name}: saved {saved} at step {iter_num}")
                 if rt.distributed:
                     torch.distributed.barrier()
-                raise Interrupted(caught[0])
+                raise Interrupted(signum)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
@@ -517,11 +629,30 @@ def _train(cfg: TrainConfig, explicit: set[str], rt: Runtime) -> dict[str, Any]:
         "tokens_per_sec": tps,  # mean over the training time, evaluations left out
         "mfu": raw_model.estimate_mfu(tps / rt.world_size, peak) if steps else None,
         "loss": last.get("loss"),
-        "checkpoint": str(out_dir / "ckpt.pt"),
+        "checkpoint": str(checkpoint_path(out_dir, "ckpt.pt", sharded)),
     }
     if rt.master and not cfg.eval_only:
         _print_summary(summary, steps, cfg)
     return summary
+
+
+def _stop_requested(loss_sum: torch.Tensor, caught: list[int], rt: Runtime) -> bool:
+    """Average loss_sum over ranks in place, and tell every rank whether any of them caught a
+    signal: saving is collective, so all must stop at the same step."""
+    if not rt.distributed:
+        return bool(caught)
+    stats = torch.stack([loss_sum, loss_sum.new_tensor(float(bool(caught)))])
+    torch.distributed.all_reduce(stats, op=torch.distributed.ReduceOp.AVG)
+    loss_sum.copy_(stats[0])
+    return stats[1].item() > 0
+
+
+def _recover_sharded(out_dir: Path, rt: Runtime) -> None:
+    """Rank 0 repairs sharded checkpoints whose save was killed midway, before anyone reads them."""
+    if rt.master and out_dir.is_dir():
+        for name in ("ckpt.pt", "best.pt"):
+            ckpt_io.recover_sharded(checkpoint_path(out_dir, name, sharded=True))
+    torch.distributed.barrier()
 
 
 def _pretrained_vocab(model: GPT, meta: dict[str, Any] | None, cfg: TrainConfig) -> int:
@@ -547,9 +678,13 @@ def _print_summary(s: dict[str, Any], steps: int, cfg: TrainConfig) -> None:
                                         if s["val_loss"] is not None else ""))  # fmt: skip
     print(f"  tokens seen {s['tokens_seen']:,}; {s['tokens_per_sec']:,.0f} tokens/s while training{mfu}")
     saved = Path(s["checkpoint"])
+    best = saved.with_name("best" + saved.suffix)
     print(f"  checkpoints: {saved if saved.exists() else 'none written'}"
-          + (f", best: {saved.with_name('best.pt')}" if saved.with_name("best.pt").exists() else ""))  # fmt: skip
-    print(f"  next: python sample.py --out_dir={cfg.out_dir}")
+          + (f", best: {best}" if best.exists() else ""))  # fmt: skip
+    if saved.suffix == ckpt_io.SHARDED_SUFFIX:
+        print(f"  next: python consolidate.py --out_dir={cfg.out_dir}, then python sample.py --out_dir={cfg.out_dir}")
+    else:
+        print(f"  next: python sample.py --out_dir={cfg.out_dir}")
 
 
 def eval_sample(model: GPT, meta: dict[str, Any] | None, max_new_tokens: int, rt: Runtime) -> str:
@@ -592,7 +727,8 @@ def _banner(cfg: TrainConfig, model: GPT, rt: Runtime, tokens_per_step: int, mic
     print("config:", ", ".join(changed) or "defaults")
     n_all, n_body = model.get_num_params(non_embedding=False), model.get_num_params()
     print(f"model: {n_all / 1e6:.2f}M parameters ({n_body / 1e6:.2f}M without position embeddings)")
-    print(f"device: {rt.device}, dtype: {rt.dtype}, world size: {rt.world_size}, "
+    mode = f" ({cfg.parallel})" if rt.distributed else ""
+    print(f"device: {rt.device}, dtype: {rt.dtype}, world size: {rt.world_size}{mode}, "
           f"tokens per step: {tokens_per_step:,} ({micro_per_rank} micro-steps per rank)")  # fmt: skip
     print("data: " + ", ".join(f"{s} {len(d):,} tokens" for s, d in splits.items()))
 

@@ -1,0 +1,96 @@
+"""Training on several processes: DDP or FSDP2 wrapping, gradient sync, activation checkpointing.
+
+DDP keeps a full copy of the model, gradients and optimizer state on every process and
+averages gradients after backward. FSDP2 (fully_shard) splits parameters, gradients and
+optimizer state over the processes and gathers each block's parameters just in time for
+its forward and backward, so models that do not fit one GPU's memory three times over
+still train. Activation checkpointing trades compute for memory: each block keeps only its
+input and recomputes the rest during backward.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from contextlib import nullcontext
+from typing import Any
+
+import torch
+
+from configurator import UserError
+from model import GPT
+from runtime import Runtime
+
+MODES = ("ddp", "fsdp")
+
+
+def check_mode(parallel: str, dtype: str) -> None:
+    """Refuse a parallel mode we do not have, or a dtype FSDP cannot train in here."""
+    if parallel not in MODES:
+        raise UserError(f"parallel must be 'ddp' or 'fsdp', got {parallel!r}")
+    if parallel == "fsdp" and dtype == "float16":
+        # GradScaler does not unscale sharded (DTensor) gradients; bfloat16 needs no scaler.
+        raise UserError("parallel=fsdp does not support dtype=float16; use --dtype=bfloat16 or --dtype=float32")
+
+
+def checkpoint_activations(model: GPT) -> None:
+    """Make every transformer block recompute its activations in backward instead of storing them.
+
+    The block's own forward is replaced on the instance, so parameter names (and checkpoints)
+    stay exactly as without checkpointing.
+    """
+    for block in model.transformer.h:
+        block.forward = _recomputed(block.forward)
+
+
+def _recomputed(forward: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    @functools.wraps(forward)
+    def run(*args: Any, **kwargs: Any) -> torch.Tensor:
+        if not torch.is_grad_enabled():  # evaluation and sampling have no backward to save memory for
+            return forward(*args, **kwargs)
+        # Non-reentrant checkpointing works with FSDP's hooks and torch.compile, and it restores the
+        # RNG state for the recomputation, so dropout draws the same masks twice.
+        return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+    return run
+
+
+def shard(model: GPT, rt: Runtime) -> None:
+    """FSDP2: shard each transformer block, then the rest (embeddings, final norm, tied head), in place."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mesh = init_device_mesh(rt.device_type, (rt.world_size,))
+    policy = MixedPrecisionPolicy()
+    if rt.dtype == "bfloat16":
+        # Compute in bfloat16 but reduce gradients and keep the sharded master weights in float32.
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    for block in model.transformer.h:
+        fully_shard(block, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)  # the root holds wte and lm_head: one tied parameter
+
+
+def wrap_ddp(model: torch.nn.Module, rt: Runtime) -> torch.nn.Module:
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    return DDP(model, device_ids=[rt.local_rank] if rt.device_type == "cuda" else None)
+
+
+def grad_sync(model: torch.nn.Module, raw_model: torch.nn.Module, parallel: str | None, sync: bool) -> Any:
+    """Context for one micro-step's forward and backward: gradients are averaged over the
+    processes only when sync is True (the last micro-step), otherwise they just accumulate.
+
+    parallel is None for a single process, else 'ddp' or 'fsdp'.
+    """
+    if parallel == "ddp" and not sync:
+        return model.no_sync()
+    if parallel == "fsdp":
+        raw_model.set_requires_gradient_sync(sync)  # FSDP2's no_sync: skip the reduce-scatter
+    return nullcontext()
+
+
+def full_value(x: torch.Tensor) -> torch.Tensor:
+    """A plain tensor from a DTensor (the gradient norm under FSDP), which is otherwise one shard's view."""
+    from torch.distributed.tensor import DTensor
+
+    return x.full_tensor() if isinstance(x, DTensor) else x

@@ -1,0 +1,336 @@
+"""Several processes: FSDP2 and DDP against one process, sharded checkpoints (exact resume,
+resharding, crash safety, consolidation), total_batch_size and activation checkpointing.
+
+The 2-process runs share one torchrun launch of this file (see the bottom), which trains
+each configuration in turn in one gloo process group: starting Python and torch is most of
+the time a launch takes on CPU.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from test_train import read_metrics
+
+import checkpoint as ckpt_io
+import parallel
+from configurator import UserError
+from conftest import ROOT
+from consolidate import ConsolidateConfig, consolidate
+from consolidate import main as consolidate_main
+from model import GPT, GPTConfig
+from runtime import setup_runtime, teardown
+from sample import SampleConfig, sample
+from train import TrainConfig, accumulation_steps, train
+from train import main as train_main
+
+# A tiny model, 4 micro-steps per optimizer step (2 per process on 2), 3 eval batches (uneven over 2).
+SMALL = dict(device="cpu", compile=False, n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=8, dropout=0.0,
+             bias=False, learning_rate=3e-3, min_lr=3e-4, warmup_iters=4, lr_decay_iters=10, max_iters=8,
+             eval_interval=4, eval_iters=3, gradient_accumulation_steps=4, log_interval=1, peak_flops=1e11,
+             plot=False)  # fmt: skip
+
+
+def small_cfg(char_data: Path, out_dir: Path, **overrides) -> TrainConfig:
+    return TrainConfig(dataset=str(char_data), out_dir=str(out_dir), **{**SMALL, **overrides})
+
+
+def step_losses(out_dir: Path) -> list[float]:
+    return [r["loss"] for r in read_metrics(out_dir)[0]]
+
+
+def val_losses(out_dir: Path) -> list[float]:
+    return [r["val_loss"] for r in read_metrics(out_dir)[1]]
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    return ckpt_io.load_checkpoint(path)["model"]
+
+
+def consolidated(out_dir: Path, dest: Path, **kw) -> dict:
+    """The single-file checkpoint of out_dir/ckpt.dcp, written to dest."""
+    consolidate(ConsolidateConfig(out_dir=str(out_dir), output=str(dest), **kw))
+    return ckpt_io.load_checkpoint(dest)
+
+
+def assert_close_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+# --- two processes ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def runs(char_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One torchrun launch of 2 processes training each run below, and the one-process
+    baseline trained here meanwhile; returns the folder holding every run's out_dir."""
+    root = tmp_path_factory.mktemp("dist")
+    dist_runs = [
+        (small_cfg(char_data, root / "fsdp", parallel="fsdp", activation_checkpointing=True, eval_sample_tokens=8), []),
+        (small_cfg(char_data, root / "ddp", parallel="ddp", activation_checkpointing=True), []),
+        (small_cfg(char_data, root / "straight", parallel="fsdp", dropout=0.1), []),
+        (small_cfg(char_data, root / "split", parallel="fsdp", dropout=0.1, max_iters=4), []),
+        (small_cfg(char_data, root / "split", parallel="fsdp", dropout=0.1, init_from="resume"), ["init_from"]),
+    ]
+    spec = root / "runs.json"
+    spec.write_text(json.dumps([[dataclasses.asdict(cfg), explicit] for cfg, explicit in dist_runs]))
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__, str(spec)]
+    with open(root / "torchrun.log", "w") as log:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+        try:
+            train(small_cfg(char_data, root / "one", eval_sample_tokens=8))  # while the processes start up
+            proc.wait(timeout=600)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    assert proc.returncode == 0, (root / "torchrun.log").read_text()[-4000:]
+    return root
+
+
+@pytest.mark.slow
+def test_fsdp_and_ddp_match_one_process(runs):
+    """Same global batch, 2 micro-steps per process: the same losses and weights as 1 process x 4."""
+    one = weights(runs / "one" / "ckpt.pt")
+    for name in ("fsdp", "ddp"):
+        assert step_losses(runs / name) == pytest.approx(step_losses(runs / "one"), rel=1e-5), name
+        assert val_losses(runs / name) == pytest.approx(val_losses(runs / "one"), rel=1e-5), name  # 3 batches on 2
+    assert_close_weights(weights(runs / "ddp" / "ckpt.pt"), one)
+    assert_close_weights(consolidated(runs / "fsdp", runs / "fsdp.pt")["model"], one)
+    # eval samples ran on both processes under FSDP (collective forward passes) and printed once.
+    assert (runs / "torchrun.log").read_text().count("sample at step") == 3  # the fsdp run's 3 evals
+
+
+@pytest.mark.slow
+def test_fsdp_resume_is_exact(runs):
+    """8 steps straight == 4 steps, resume, 4 steps, with dropout: per-rank RNG, sharded optimizer."""
+    assert step_losses(runs / "split") == step_losses(runs / "straight")
+    a = consolidated(runs / "straight", runs / "straight.pt")
+    b = consolidated(runs / "split", runs / "split.pt")
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    folder = runs / "split" / "ckpt.dcp"
+    assert sorted(p.name for p in folder.iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp", "train_state.pt"]
+    assert not list((runs / "split").glob(".*"))  # no temporary or old folders left behind
+    state = ckpt_io.load_train_state(folder)
+    assert state["iter_num"] == 8 and state["world_size"] == 2 and len(state["rng"]) == 2
+
+
+@pytest.mark.slow
+def test_consolidated_checkpoint_is_ordinary_and_samples(runs, capsys):
+    consolidate_main([f"--out_dir={runs / 'fsdp'}", "--ckpt=best.dcp", "--optimizer=False"])
+    assert "wrote" in capsys.readouterr().out
+    state = ckpt_io.load_checkpoint(runs / "fsdp" / "best.pt")
+    single = ckpt_io.load_checkpoint(runs / "one" / "ckpt.pt")
+    assert set(state) == set(single) - {"optimizer"}
+    assert state["model"].keys() == single["model"].keys()  # no _orig_mod. or FSDP prefixes
+    assert state["iter_num"] == 8 and state["meta"]["vocab_size"] == 65
+    texts = sample(SampleConfig(out_dir=str(runs / "fsdp"), ckpt="best.pt", device="cpu", num_samples=2,
+                                max_new_tokens=20, start="ROMEO:"))  # fmt: skip
+    assert len(texts) == 2 and all(t.startswith("ROMEO:") and len(t) == 26 for t in texts)
+
+
+@pytest.mark.slow
+def test_sharded_checkpoint_resumes_in_one_process(runs, char_data):
+    """DCP reshards: the 2-process checkpoint goes on in 1 process (FSDP), and so does its
+    consolidated file without FSDP; both match the 1-process run going on."""
+    for name in ("one", "fsdp"):
+        shutil.copytree(runs / name, runs / f"{name}-10")
+    plain = runs / "plain-10"
+    plain.mkdir()
+    consolidated(runs / "fsdp", plain / "ckpt.pt")  # the step-8 checkpoint, with optimizer state
+    resume = dict(max_iters=10, init_from="resume")
+    train(small_cfg(char_data, runs / "one-10", **resume), {"init_from"})
+    train(small_cfg(char_data, runs / "fsdp-10", parallel="fsdp", **resume), {"init_from"})
+    train(small_cfg(char_data, plain, **resume), {"init_from"})
+
+    reference = weights(runs / "one-10" / "ckpt.pt")
+    assert step_losses(runs / "fsdp-10")[-2:] == pytest.approx(step_losses(runs / "one-10")[-2:], rel=1e-5)
+    assert_close_weights(consolidated(runs / "fsdp-10", runs / "fsdp-10.pt")["model"], reference)
+    assert step_losses(plain) == pytest.approx(step_losses(runs / "one-10")[-2:], rel=1e-5)
+    assert_close_weights(weights(plain / "ckpt.pt"), reference)
+
+
+# --- sharded checkpoints in one process --------------------------------------------------------
+
+
+@pytest.fixture
+def sharded_model():
+    """A tiny FSDP-sharded model and its optimizer in a process group of one."""
+    rt = setup_runtime("cpu", "float32", group=True)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=8, vocab_size=16, n_layer=1, n_head=2, n_embd=8))
+    parallel.shard(model, rt)
+    optimizer = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")
+    yield model, optimizer
+    teardown(rt)
+
+
+def train_state(iter_num: int) -> dict:
+    return {"iter_num": iter_num, "model_args": {}, "config": {}}
+
+
+def test_sharded_save_killed_midway_keeps_a_complete_checkpoint(sharded_model, tmp_path, monkeypatch):
+    model, optimizer = sharded_model
+    path = tmp_path / "ckpt.dcp"
+    ckpt_io.save_sharded(path, model, optimizer, train_state(1), master=True)
+    tmp, old = tmp_path / ".ckpt.dcp.tmp", tmp_path / ".ckpt.dcp.old"
+
+    # Killed while writing: the shards are there, train_state.pt is not; the old folder is untouched.
+    with monkeypatch.context() as m:
+        m.setattr(ckpt_io, "save_checkpoint", lambda *a: (_ for _ in ()).throw(OSError("disk full")))
+        with pytest.raises(OSError):
+            ckpt_io.save_sharded(path, model, optimizer, train_state(2), master=True)
+    assert tmp.is_dir() and not ckpt_io.is_sharded(tmp)
+    assert ckpt_io.load_train_state(ckpt_io.readable_sharded(path))["iter_num"] == 1
+    ckpt_io.recover_sharded(path)
+    assert not tmp.exists() and ckpt_io.load_train_state(path)["iter_num"] == 1
+
+    # Killed between the two renames: no ckpt.dcp at all, but the new folder is complete.
+    real_replace, calls = os.replace, []
+
+    def replace_then_die(src, dst):
+        calls.append(src)
+        if len(calls) == 3:  # 1: train_state.pt into place, 2: ckpt.dcp aside, 3: the new folder in
+            raise KeyboardInterrupt
+        real_replace(src, dst)
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "replace", replace_then_die)
+        with pytest.raises(KeyboardInterrupt):
+            ckpt_io.save_sharded(path, model, optimizer, train_state(3), master=True)
+    assert not path.exists() and old.is_dir() and ckpt_io.is_sharded(tmp)
+    assert ckpt_io.load_train_state(ckpt_io.readable_sharded(path))["iter_num"] == 3  # read-only, for consolidate.py
+    ckpt_io.recover_sharded(path)
+    assert ckpt_io.load_train_state(path)["iter_num"] == 3 and not tmp.exists() and not old.exists()
+    ckpt_io.load_sharded(path, model, optimizer)
+
+
+def test_sharded_checkpoint_of_another_model_is_refused(sharded_model, tmp_path):
+    model, optimizer = sharded_model
+    ckpt_io.save_sharded(tmp_path / "ckpt.dcp", model, optimizer, train_state(1), master=True)
+    wider = GPT(GPTConfig(block_size=8, vocab_size=16, n_layer=1, n_head=2, n_embd=16))
+    with pytest.raises(UserError, match="cannot be loaded into this model"):
+        ckpt_io.load_sharded(tmp_path / "ckpt.dcp", wider, None)
+
+
+def fake_sharded(folder: Path) -> None:
+    folder.mkdir(parents=True)
+    (folder / ".metadata").write_bytes(b"")
+    (folder / "train_state.pt").write_bytes(b"")
+
+
+def test_checkpoint_format_mismatch_names_the_fix(tiny_cfg):
+    cfg = tiny_cfg(init_from="resume")
+    fake_sharded(Path(cfg.out_dir) / "ckpt.dcp")
+    with pytest.raises(UserError, match=r"--parallel=fsdp, or make a single file of it first \(python consolidate.py"):
+        train(cfg)
+    with pytest.raises(UserError, match="python consolidate.py"):
+        sample(SampleConfig(out_dir=cfg.out_dir, device="cpu"))
+    shutil.rmtree(Path(cfg.out_dir) / "ckpt.dcp")
+    (Path(cfg.out_dir) / "ckpt.pt").write_bytes(b"")
+    with pytest.raises(UserError, match="no checkpoint at .*ckpt.dcp.*--parallel=ddp"):
+        train(dataclasses.replace(cfg, parallel="fsdp"))
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (dict(parallel="zero"), "parallel must be 'ddp' or 'fsdp'"),
+        (dict(parallel="fsdp", dtype="float16"), "does not support dtype=float16"),
+        (dict(total_batch_size=-1), "total_batch_size must not be negative"),
+        (dict(total_batch_size=1000), r"multiple of batch_size \* block_size \(8 \* 32 = 256.*total_batch_size=1024"),
+    ],
+)
+def test_bad_parallel_or_batch_settings_are_refused(tiny_cfg, overrides, message):
+    with pytest.raises(UserError, match=message):
+        tiny_cfg(**overrides)
+
+
+# --- total_batch_size --------------------------------------------------------------------------
+
+
+def test_total_batch_size_sets_accumulation_steps(tiny_cfg):
+    cfg = tiny_cfg(total_batch_size=1024)  # 4 micro-steps of 8 x 32 tokens
+    assert accumulation_steps(cfg, set(), world_size=1) == 4
+    assert accumulation_steps(cfg, set(), world_size=4) == 4
+    assert (
+        accumulation_steps(dataclasses.replace(cfg, gradient_accumulation_steps=4), {"gradient_accumulation_steps"}, 2)
+        == 4
+    )
+    assert accumulation_steps(tiny_cfg(gradient_accumulation_steps=6), set(), world_size=3) == 6  # unused: as before
+    with pytest.raises(UserError, match=r"4 micro-steps .* 3 processes cannot share .*--total_batch_size=768"):
+        accumulation_steps(cfg, set(), world_size=3)
+    with pytest.raises(UserError, match="gradient_accumulation_steps=4 .* but gradient_accumulation_steps=2 is set"):
+        accumulation_steps(dataclasses.replace(cfg, gradient_accumulation_steps=2), set(), 1)
+    with pytest.raises(UserError, match="set only one of them"):  # 1, the default, but set on purpose
+        accumulation_steps(cfg, {"gradient_accumulation_steps"}, 1)
+
+
+def test_total_batch_size_in_training(tiny_cfg, capsys):
+    summary = train(tiny_cfg(total_batch_size=512, max_iters=2, eval_interval=2, eval_iters=1))
+    assert "tokens per step: 512 (2 micro-steps per rank)" in capsys.readouterr().out
+    assert summary["tokens_seen"] == 1024
+
+
+def test_total_batch_size_error_on_the_command_line(tiny_cfg, capsys):
+    cfg = tiny_cfg()
+    with pytest.raises(SystemExit) as exit_info:
+        train_main([f"--dataset={cfg.dataset}", "--batch_size=8", "--block_size=32", "--total_batch_size=1024",
+                    "--gradient_accumulation_steps=3", "--device=cpu", f"--out_dir={cfg.out_dir}"])  # fmt: skip
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.startswith("error: total_batch_size=1024 means gradient_accumulation_steps=4")
+
+
+# --- activation checkpointing ------------------------------------------------------------------
+
+
+def test_activation_checkpointing_gives_the_same_loss_and_gradients():
+    torch.manual_seed(0)
+    plain = GPT(GPTConfig(block_size=16, vocab_size=32, n_layer=2, n_head=2, n_embd=16, dropout=0.1))
+    recomputed = copy.deepcopy(plain)
+    parallel.checkpoint_activations(recomputed)
+    x, y = torch.randint(0, 32, (4, 16)), torch.randint(0, 32, (4, 16))
+    results = []
+    for model in (plain, recomputed):
+        torch.manual_seed(1)  # the same dropout masks, also when the blocks are recomputed
+        _, loss = model(x, y)
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    assert torch.equal(loss_a, loss_b)
+    for name in grads_a:
+        torch.testing.assert_close(grads_b[name], grads_a[name], rtol=1e-6, atol=1e-7, msg=name)
+    assert recomputed.state_dict().keys() == plain.state_dict().keys()  # checkpoints are unchanged
+    prompt = x[:1, :4]  # generation (no grad) runs the blocks directly
+    assert torch.equal(
+        plain.eval().generate(prompt, 4, temperature=0), recomputed.eval().generate(prompt, 4, temperature=0)
+    )
+
+
+# --- torchrun entry point: the `runs` fixture launches this file ---------------------------------
+
+
+def _train_each(spec: str) -> None:
+    """Train each [config, explicit keys] of the JSON file spec in turn, in one process group."""
+    torch.distributed.init_process_group("gloo")
+    try:
+        for config, explicit in json.loads(Path(spec).read_text()):
+            train(TrainConfig(**config), set(explicit))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    _train_each(sys.argv[1])
