@@ -4,11 +4,13 @@
     python bench.py --what=sample --device=cpu --n_layer=6 --n_head=6 --n_embd=384 --block_size=256
 
 Random weights and random tokens: speed does not depend on what the model knows. Prints
-medians, so a noisy shared machine disturbs the figures as little as possible.
+medians, so a noisy shared machine disturbs the figures as little as possible. Each
+measurement is printed twice: a line for people, then one JSON line for scripts.
 """
 
 from __future__ import annotations
 
+import json
 import statistics
 import sys
 import time
@@ -19,6 +21,9 @@ import torch
 from configurator import UserError, cli_errors, load_config, opt
 from model import GPT, GPTConfig
 from runtime import Runtime, peak_flops, setup_runtime, teardown
+
+# GPTConfig's modern options, taken over by name from BenchConfig.
+MODEL_OPTIONS = ("pos_emb", "norm", "activation", "qk_norm", "n_kv_head", "tie_weights", "logit_softcap")
 
 
 @dataclass
@@ -32,6 +37,13 @@ class BenchConfig:
     block_size: int = opt(1024, "context length")
     vocab_size: int = opt(50304, "vocabulary size (65 for shakespeare_char)")
     bias: bool = opt(False, "biases in Linear and LayerNorm layers")
+    pos_emb: str = opt("learned", "'learned' or 'rope' (rotary)")
+    norm: str = opt("layernorm", "'layernorm' or 'rmsnorm'")
+    activation: str = opt("gelu", "'gelu', 'relu2' or 'swiglu'")
+    qk_norm: bool = opt(False, "RMSNorm on queries and keys")
+    n_kv_head: int | None = opt(None, "key/value heads (grouped-query attention); None = n_head")
+    tie_weights: bool = opt(True, "tie the token embedding and the output layer")
+    logit_softcap: float = opt(0.0, "soft-cap the logits to (-c, c); 0 = off")
     batch_size: int = opt(12, "sequences per step (train)")
     steps: int = opt(20, "timed steps (train)")
     warmup: int = opt(5, "untimed steps first: compilation, allocator, caches (train)")
@@ -52,6 +64,23 @@ class BenchConfig:
                 raise UserError(f"{key} must be positive, got {getattr(self, key)}")
         if self.n_embd % self.n_head:
             raise UserError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        try:
+            self.model_config()
+        except ValueError as e:
+            raise UserError(str(e)) from None
+
+    def model_config(self) -> GPTConfig:
+        """The GPTConfig of the benchmarked model."""
+        return GPTConfig(block_size=self.block_size, vocab_size=self.vocab_size, n_layer=self.n_layer,
+                         n_head=self.n_head, n_embd=self.n_embd, bias=self.bias,
+                         **{k: getattr(self, k) for k in MODEL_OPTIONS})  # fmt: skip
+
+
+def _emit(cfg: BenchConfig, rt: Runtime, model: GPT, figures: dict[str, float | None]) -> None:
+    """One JSON line with the run's setting and its figures, for scripts collecting results."""
+    record = {"what": cfg.what, "device": str(rt.device), "dtype": str(rt.dtype).removeprefix("torch."),
+              "compile": cfg.compile, "params": model.get_num_params(), **figures}  # fmt: skip
+    print(json.dumps(record))
 
 
 def _sync(rt: Runtime) -> None:
@@ -78,9 +107,12 @@ def bench_train(cfg: BenchConfig, rt: Runtime, model: GPT) -> dict[str, float]:
             times.append(time.perf_counter() - t0)
     dt = statistics.median(times)
     tps = cfg.batch_size * cfg.block_size / dt
-    mfu = model.estimate_mfu(tps, peak_flops(rt, cfg.peak_flops))
+    peak = peak_flops(rt, cfg.peak_flops)
+    mfu = model.estimate_mfu(tps, peak)
     print(f"train: {dt * 1000:.2f} ms/iter (median of {cfg.steps}), {tps:,.0f} tok/s, mfu {mfu * 100:.1f}%")
-    return {"ms_per_iter": dt * 1000, "tokens_per_sec": tps, "mfu": mfu}
+    result = {"ms_per_iter": dt * 1000, "tokens_per_sec": tps, "mfu": mfu}
+    _emit(cfg, rt, model, {**result, "achieved_flops": model.flops_per_token() * tps, "peak_flops": peak})
+    return result
 
 
 def bench_sample(cfg: BenchConfig, rt: Runtime, model: GPT) -> dict[str, float]:
@@ -102,6 +134,9 @@ def bench_sample(cfg: BenchConfig, rt: Runtime, model: GPT) -> dict[str, float]:
         result["kv_cache" if use_cache else "recompute"] = tps
         print(f"sample ({'KV cache' if use_cache else 'recompute'}): {tps:,.1f} tok/s (median of {cfg.repeats})")
     print(f"KV cache speed-up: {result['kv_cache'] / result['recompute']:.1f}x")
+    _emit(cfg, rt, model, {"kv_cache_tokens_per_sec": result["kv_cache"],
+                           "recompute_tokens_per_sec": result["recompute"],
+                           "speedup": result["kv_cache"] / result["recompute"]})  # fmt: skip
     return result
 
 
@@ -110,9 +145,7 @@ def bench(cfg: BenchConfig) -> dict[str, float]:
     rt = setup_runtime(cfg.device, cfg.dtype)
     try:
         torch.manual_seed(cfg.seed)
-        gpt = GPTConfig(block_size=cfg.block_size, vocab_size=cfg.vocab_size, n_layer=cfg.n_layer,
-                        n_head=cfg.n_head, n_embd=cfg.n_embd, bias=cfg.bias)  # fmt: skip
-        model = GPT(gpt).to(rt.device)
+        model = GPT(cfg.model_config()).to(rt.device)
         print(f"{cfg.what}: {model.get_num_params() / 1e6:.2f}M parameters on {rt.device} ({rt.dtype})")
         return bench_train(cfg, rt, model) if cfg.what == "train" else bench_sample(cfg, rt, model)
     finally:

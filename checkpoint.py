@@ -57,9 +57,12 @@ def load_checkpoint(path: str | Path, map_location: str = "cpu") -> dict[str, An
     if not path.is_file():
         sharded = path if path.is_dir() else path.with_suffix(SHARDED_SUFFIX)
         if is_sharded(sharded):
+            what = (
+                "is a sharded (FSDP) checkpoint folder" if sharded == path else f"is missing, but {sharded} is sharded"
+            )
             raise UserError(
-                f"no checkpoint at {path}, but {sharded} is a sharded (FSDP) checkpoint; make a single file of it "
-                f"first: python consolidate.py --out_dir={sharded.parent} --ckpt={sharded.name}"
+                f"no checkpoint file at {path}: it {what}; make a single file of it first: "
+                f"python consolidate.py --out_dir={sharded.parent} --ckpt={sharded.name}"
             )
         raise UserError(f"no checkpoint at {path}")
     return _read(path, REQUIRED_KEYS, map_location)
@@ -127,6 +130,12 @@ def load_run_model(path: Path, dropout: float) -> tuple[GPT, dict[str, Any] | No
 
 def load_pretrained(init_from: str, dropout: float = 0.0) -> GPT:
     """GPT.from_pretrained, with its failures as UserError."""
+    source = run_checkpoint(init_from)
+    if source is not None:  # train.py loads these itself; elsewhere (sample.py) they are read from out_dir
+        raise UserError(
+            f"{init_from} is a gptsmith checkpoint, not GPT-2 weights; load it with --out_dir={source.parent} "
+            f"--ckpt={source.name}"
+        )
     try:
         return GPT.from_pretrained(init_from, {"dropout": dropout})
     except (ImportError, ValueError) as e:

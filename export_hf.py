@@ -84,6 +84,17 @@ def export(cfg: ExportConfig) -> Path:
     path = Path(cfg.out_dir) / cfg.ckpt
     state = ckpt_io.load_checkpoint(path)
     model = ckpt_io.model_from_checkpoint(state, path)
+    if (
+        not model.config.is_gpt2()
+    ):  # GPT2LMHeadModel has no rotary, RMSNorm, SwiGLU, ... : it would compute another function
+        c = model.config
+        options = dict(pos_emb=c.pos_emb, norm=c.norm, activation=c.activation, qk_norm=c.qk_norm,
+                       n_kv_head=c.n_kv_head, tie_weights=c.tie_weights, logit_softcap=c.logit_softcap)  # fmt: skip
+        raise UserError(
+            f"{path} is not a GPT-2 architecture ({', '.join(f'{k}={v!r}' for k, v in options.items())}); "
+            "only models with the default options (pos_emb='learned', norm='layernorm', activation='gelu', "
+            "qk_norm=False, n_kv_head=None, tie_weights=True, logit_softcap=0) export as Hugging Face GPT-2"
+        )
     try:
         from safetensors.torch import save_file
         from transformers import GPT2Config

@@ -1,11 +1,11 @@
 """Training on several processes: DDP or FSDP2 wrapping, gradient sync, activation checkpointing.
 
-DDP keeps a full copy of the model, gradients and optimizer state on every process and
-averages gradients after backward. FSDP2 (fully_shard) splits parameters, gradients and
-optimizer state over the processes and gathers each block's parameters just in time for
-its forward and backward, so models that do not fit one GPU's memory three times over
-still train. Activation checkpointing trades compute for memory: each block keeps only its
-input and recomputes the rest during backward.
+DDP keeps a full copy of the weights, gradients and optimizer state on every process and
+averages gradients after backward. FSDP2 (fully_shard) splits all three over the processes
+and gathers each block's weights just in time for its forward and backward, so a model
+whose training state (16 bytes per parameter with AdamW) does not fit one GPU still trains.
+Activation checkpointing trades compute for memory: each block keeps only its input and
+recomputes the rest during backward.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from contextlib import nullcontext
 from typing import Any
 
 import torch
+import torch.utils.checkpoint
 
 from configurator import UserError
 from model import GPT
@@ -29,7 +30,7 @@ def check_mode(parallel: str, dtype: str) -> None:
     if parallel not in MODES:
         raise UserError(f"parallel must be 'ddp' or 'fsdp', got {parallel!r}")
     if parallel == "fsdp" and dtype == "float16":
-        # GradScaler does not unscale sharded (DTensor) gradients; bfloat16 needs no scaler.
+        # float16 needs loss scaling, which we do not support on sharded (DTensor) gradients; bfloat16 needs none.
         raise UserError("parallel=fsdp does not support dtype=float16; use --dtype=bfloat16 or --dtype=float32")
 
 
@@ -71,26 +72,28 @@ def shard(model: GPT, rt: Runtime) -> None:
 
 
 def wrap_ddp(model: torch.nn.Module, rt: Runtime) -> torch.nn.Module:
+    """DistributedDataParallel: rank 0's weights are broadcast, gradients averaged in backward."""
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     return DDP(model, device_ids=[rt.local_rank] if rt.device_type == "cuda" else None)
 
 
-def grad_sync(model: torch.nn.Module, raw_model: torch.nn.Module, parallel: str | None, sync: bool) -> Any:
+def grad_sync(model: torch.nn.Module, raw_model: torch.nn.Module, mode: str | None, sync: bool) -> Any:
     """Context for one micro-step's forward and backward: gradients are averaged over the
     processes only when sync is True (the last micro-step), otherwise they just accumulate.
 
-    parallel is None for a single process, else 'ddp' or 'fsdp'.
+    mode is None for a single process, else 'ddp' (model is the DDP wrapper) or 'fsdp'
+    (raw_model is the sharded model, model perhaps its torch.compile wrapper).
     """
-    if parallel == "ddp" and not sync:
+    if mode == "ddp" and not sync:
         return model.no_sync()
-    if parallel == "fsdp":
+    if mode == "fsdp":
         raw_model.set_requires_gradient_sync(sync)  # FSDP2's no_sync: skip the reduce-scatter
     return nullcontext()
 
 
 def full_value(x: torch.Tensor) -> torch.Tensor:
-    """A plain tensor from a DTensor (the gradient norm under FSDP), which is otherwise one shard's view."""
+    """The full value of a DTensor (under FSDP, the gradient norm) as a plain tensor; others as they are."""
     from torch.distributed.tensor import DTensor
 
     return x.full_tensor() if isinstance(x, DTensor) else x

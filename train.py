@@ -26,12 +26,15 @@ from tqdm import tqdm
 
 import checkpoint as ckpt_io
 import dataset as ds
+import optim
 import parallel
 from configurator import UserError, cli_errors, opt, read_overrides, show_progress
 from model import GPT, GPTConfig
 from runtime import Runtime, peak_flops, setup_runtime, teardown
 
-ARCH_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size")
+# Model options of GPTConfig with TrainConfig keys of the same name; checkpoints older than them mean the defaults.
+MODEL_OPTIONS = ("pos_emb", "norm", "activation", "qk_norm", "n_kv_head", "tie_weights", "logit_softcap")
+ARCH_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias", *MODEL_OPTIONS, "vocab_size")
 
 
 @dataclass
@@ -72,12 +75,24 @@ class TrainConfig:
     n_embd: int = opt(768, "embedding width")
     dropout: float = opt(0.0, "dropout probability (0 for pretraining, 0.1+ for finetuning)")
     bias: bool = opt(False, "biases in Linear and LayerNorm layers")
+    pos_emb: str = opt("learned", "position embeddings: 'learned' (GPT-2's table) or 'rope' (rotary on q and k)")
+    norm: str = opt("layernorm", "'layernorm' (GPT-2) or 'rmsnorm'")
+    activation: str = opt("gelu", "MLP: 'gelu' (GPT-2), 'relu2' (ReLU squared) or 'swiglu' (hidden 8/3 n_embd, to 64)")
+    qk_norm: bool = opt(False, "RMSNorm on each head's queries and keys before attention")
+    n_kv_head: int | None = opt(None, "key/value heads (grouped-query attention, must divide n_head); None = n_head")
+    tie_weights: bool = opt(True, "share the token embedding with the output layer (GPT-2); False = untied head")
+    logit_softcap: float = opt(0.0, "soft-cap the logits to (-c, c) by c * tanh(logits / c); 0 = off")
     # optimizer
     learning_rate: float = opt(6e-4, "peak learning rate")
     max_iters: int = opt(600000, "optimizer steps to train for")
     weight_decay: float = opt(1e-1, "AdamW weight decay on matrices")
     beta1: float = opt(0.9, "AdamW beta1")
     beta2: float = opt(0.95, "AdamW beta2")
+    optimizer: str = opt(
+        "adamw", "'adamw', or 'muon': Muon for the blocks' weight matrices, AdamW (learning_rate) for the rest"
+    )
+    muon_lr: float = opt(0.02, "Muon's peak learning rate; the schedule scales it as it scales learning_rate")
+    muon_momentum: float = opt(0.95, "Muon's (Nesterov) momentum")
     grad_clip: float = opt(1.0, "clip the gradient norm to this; 0 = no clipping")
     skip_nonfinite: bool = opt(False, "skip steps with a non-finite loss or gradient instead of stopping")
     # learning rate schedule
@@ -85,6 +100,12 @@ class TrainConfig:
     warmup_iters: int = opt(2000, "linear warmup steps")
     lr_decay_iters: int = opt(600000, "step at which the decay reaches min_lr (usually max_iters)")
     min_lr: float = opt(6e-5, "learning rate at the end of the decay (about learning_rate / 10)")
+    lr_schedule: str = opt(
+        "cosine",
+        "'cosine', or 'wsd' (warmup-stable-decay: warmup, constant, then linear to min_lr over the last "
+        "decay_frac of lr_decay_iters)",
+    )
+    decay_frac: float = opt(0.2, "wsd: the fraction of lr_decay_iters spent decaying")
     # system
     backend: str = opt("auto", "torch.distributed backend: auto (nccl on CUDA, gloo on CPU), nccl, gloo")
     device: str = opt("auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
@@ -95,7 +116,7 @@ class TrainConfig:
     parallel: str = opt(
         "ddp",
         "with several processes (torchrun): 'ddp' (a full copy of the model on each) or 'fsdp' (FSDP2: "
-        "parameters, gradients and optimizer state sharded; checkpoints are folders, ckpt.dcp)",
+        "weights, gradients and optimizer state sharded; checkpoints are folders, ckpt.dcp; runs in one process too)",
     )
     activation_checkpointing: bool = opt(
         False, "recompute each block's activations in backward: less memory, a third more compute"
@@ -139,6 +160,22 @@ class TrainConfig:
         if self.backend not in ("auto", "nccl", "gloo"):
             raise UserError(f"backend must be auto, nccl or gloo, got {self.backend!r}")
         parallel.check_mode(self.parallel, self.dtype)
+        try:  # the model options' own checks, as configuration errors
+            GPTConfig(n_head=self.n_head, n_embd=self.n_embd, **{k: getattr(self, k) for k in MODEL_OPTIONS})
+        except ValueError as e:
+            raise UserError(str(e)) from None
+        if self.optimizer not in ("adamw", "muon"):
+            raise UserError(f"optimizer must be 'adamw' or 'muon', got {self.optimizer!r}")
+        if self.optimizer == "muon" and self.parallel == "fsdp":
+            raise UserError("optimizer='muon' needs whole weight matrices; use it with parallel='ddp', not 'fsdp'")
+        if not self.muon_lr > 0 or not 0.0 <= self.muon_momentum < 1.0:
+            raise UserError(
+                f"muon_lr must be positive and muon_momentum in [0, 1), got {self.muon_lr}, {self.muon_momentum}"
+            )
+        if self.lr_schedule not in ("cosine", "wsd"):
+            raise UserError(f"lr_schedule must be 'cosine' or 'wsd', got {self.lr_schedule!r}")
+        if not 0.0 < self.decay_frac <= 1.0:
+            raise UserError(f"decay_frac must be in (0, 1], got {self.decay_frac}")
         micro_tokens = self.batch_size * self.block_size
         if self.total_batch_size % micro_tokens:
             nearest = max(1, round(self.total_batch_size / micro_tokens)) * micro_tokens
@@ -158,13 +195,21 @@ class Interrupted(Exception):
 
 
 def get_lr(it: int, cfg: TrainConfig) -> float:
-    """Learning rate at step it: linear warmup (nonzero at step 0), cosine decay to min_lr."""
+    """Learning rate at step it: linear warmup (nonzero at step 0), then cosine decay to min_lr at
+    lr_decay_iters, or (wsd) constant until decay_start = max(warmup_iters, lr_decay_iters -
+    int(decay_frac * lr_decay_iters)) and linear from learning_rate there to min_lr at lr_decay_iters."""
     if not cfg.decay_lr:
         return cfg.learning_rate
     if it < cfg.warmup_iters:
         return cfg.learning_rate * (it + 1) / (cfg.warmup_iters + 1)
     if it >= cfg.lr_decay_iters:
         return cfg.min_lr
+    if cfg.lr_schedule == "wsd":
+        decay_start = max(cfg.warmup_iters, cfg.lr_decay_iters - int(cfg.decay_frac * cfg.lr_decay_iters))
+        if it < decay_start:
+            return cfg.learning_rate
+        ratio = (it - decay_start) / (cfg.lr_decay_iters - decay_start)  # 0 -> 1
+        return cfg.learning_rate + ratio * (cfg.min_lr - cfg.learning_rate)
     ratio = (it - cfg.warmup_iters) / (cfg.lr_decay_iters - cfg.warmup_iters)
     coeff = 0.5 * (1.0 + math.cos(math.pi * ratio))  # 1 -> 0
     return cfg.min_lr + coeff * (cfg.learning_rate - cfg.min_lr)
@@ -279,7 +324,8 @@ def _resume_state(cfg: TrainConfig, explicit: set[str], out_dir: Path) -> tuple[
             "exactly from it; consolidate again without --optimizer=False"
         )
     changes = {}
-    for key, value in state["model_args"].items():
+    older = {k: getattr(GPTConfig, k) for k in MODEL_OPTIONS}  # keys a checkpoint older than them lacks
+    for key, value in {**older, **state["model_args"]}.items():
         if key in ARCH_KEYS[:-1] or key == "dropout":
             if key in explicit and getattr(cfg, key) != value and key != "dropout":
                 raise UserError(
@@ -304,17 +350,18 @@ def _other_format_hint(other: Path, cfg: TrainConfig) -> str:
     return "train with init_from=scratch first"
 
 
-def accumulation_steps(cfg: TrainConfig, explicit: set[str] | frozenset[str], world_size: int) -> int:
+def accumulation_steps(cfg: TrainConfig, world_size: int) -> int:
     """Micro-steps per optimizer step over all processes: gradient_accumulation_steps, or derived
-    from total_batch_size; a value set by hand (anything but the default 1) must agree with it."""
+    from total_batch_size. gradient_accumulation_steps=1, the default, counts as unset there
+    (config/shakespeare_char.py sets it); any other value must agree with total_batch_size."""
     steps, micro_tokens = cfg.gradient_accumulation_steps, cfg.batch_size * cfg.block_size
     if cfg.total_batch_size:
         derived = cfg.total_batch_size // micro_tokens  # a multiple, checked in TrainConfig
-        if steps != derived and ("gradient_accumulation_steps" in explicit or steps != 1):
+        if steps not in (1, derived):
             raise UserError(
                 f"total_batch_size={cfg.total_batch_size} means gradient_accumulation_steps={derived} "
                 f"({cfg.total_batch_size} / ({cfg.batch_size} * {cfg.block_size})), but gradient_accumulation_steps="
-                f"{steps} is set too; set only one of them"
+                f"{steps} is set too; set only one of them (gradient_accumulation_steps=1 leaves it to total_batch_size)"
             )
         steps = derived
     if steps % world_size == 0:
@@ -387,7 +434,7 @@ def _train(cfg: TrainConfig, explicit: set[str], rt: Runtime) -> dict[str, Any]:
         cfg, state = _resume_state(cfg, explicit, out_dir)
     elif cfg.init_from != "scratch":
         cfg, pretrained = _pretrained_state(cfg, explicit)
-    cfg = dataclasses.replace(cfg, gradient_accumulation_steps=accumulation_steps(cfg, explicit, rt.world_size))
+    cfg = dataclasses.replace(cfg, gradient_accumulation_steps=accumulation_steps(cfg, rt.world_size))
     micro_per_rank = cfg.gradient_accumulation_steps // rt.world_size
 
     # Data: check everything before any work starts.
@@ -429,6 +476,7 @@ def _train(cfg: TrainConfig, explicit: set[str], rt: Runtime) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)
     model_args = dict(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, block_size=cfg.block_size,
                       bias=cfg.bias, vocab_size=vocab_size, dropout=cfg.dropout)  # fmt: skip
+    model_args.update({k: getattr(cfg, k) for k in MODEL_OPTIONS})
     if state is not None:  # keys TrainConfig does not have (gelu_approximate) come from the checkpoint
         model_args = {**state["model_args"], **model_args}
     if pretrained is not None:
@@ -453,7 +501,13 @@ def _train(cfg: TrainConfig, explicit: set[str], rt: Runtime) -> dict[str, Any]:
         rt.cast_by_fsdp = True  # its mixed-precision policy computes in bfloat16; autocast would only add casts
 
     scaler = rt.grad_scaler()
-    optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), rt.device_type)
+    if cfg.optimizer == "muon":  # Muon for the blocks' matrices, AdamW for the rest, behind one optimizer
+        optimizer = optim.configure_muon(model, cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
+                                         rt.device_type, cfg.muon_lr, cfg.muon_momentum)  # fmt: skip
+    else:
+        optimizer = model.configure_optimizers(
+            cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), rt.device_type
+        )
     iter_num, best_val_loss, best_iter = 0, float("inf"), None
     if state is not None:
         if sharded:

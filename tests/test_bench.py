@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from bench import BenchConfig, bench
@@ -15,13 +17,31 @@ def test_bench_train_reports_time_throughput_and_mfu(capsys):
     assert result["ms_per_iter"] > 0
     assert result["tokens_per_sec"] == pytest.approx(4 * 32 / (result["ms_per_iter"] / 1000))
     assert 0 < result["mfu"] < 1
-    assert "ms/iter" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "ms/iter" in out
+    record = json.loads(out.strip().splitlines()[-1])  # the machine-readable line comes last
+    assert record["what"] == "train" and record["device"] == "cpu" and record["compile"] is False
+    assert record["tokens_per_sec"] == pytest.approx(result["tokens_per_sec"]) and record["peak_flops"] == 1e11
+    assert record["achieved_flops"] == pytest.approx(record["mfu"] * 1e11) and record["params"] > 0
 
 
 def test_bench_sample_compares_cache_and_recompute(capsys):
     result = bench(BenchConfig(what="sample", max_new_tokens=40, repeats=1, **TINY))
     assert result["kv_cache"] > 0 and result["recompute"] > 0
-    assert "KV cache speed-up" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "KV cache speed-up" in out
+    record = json.loads(out.strip().splitlines()[-1])
+    assert record["kv_cache_tokens_per_sec"] == pytest.approx(result["kv_cache"])
+    assert record["speedup"] == pytest.approx(result["kv_cache"] / result["recompute"])
+
+
+def test_bench_takes_the_model_options(capsys):
+    options = dict(pos_emb="rope", norm="rmsnorm", activation="swiglu", qk_norm=True, n_kv_head=1,
+                   tie_weights=False, logit_softcap=10.0)  # fmt: skip
+    result = bench(BenchConfig(what="train", batch_size=2, steps=1, warmup=0, **options, **TINY))
+    assert result["tokens_per_sec"] > 0
+    with pytest.raises(UserError, match="n_kv_head"):
+        BenchConfig(n_kv_head=5, n_head=4, n_embd=32)
 
 
 def test_bench_refuses_unknown_mode():

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_reliability import nan_after
 from test_train import read_metrics
 
 import checkpoint as ckpt_io
@@ -225,6 +226,22 @@ def test_sharded_checkpoint_of_another_model_is_refused(sharded_model, tmp_path)
         ckpt_io.load_sharded(tmp_path / "ckpt.dcp", wider, None)
 
 
+def test_nonfinite_steps_under_fsdp(tiny_cfg, tmp_path, monkeypatch, capsys):
+    """FSDP in one process: a NaN stops training before the step, the sharded checkpoint stays
+    good; with skip_nonfinite the bad steps change nothing."""
+    cfg = tiny_cfg(parallel="fsdp", max_iters=10, eval_interval=5, lr_decay_iters=10)
+    nan_after(monkeypatch, 7)  # one forward with grad per step
+    with pytest.raises(UserError, match="non-finite loss or gradient at step 7"):
+        train(cfg)
+    good = consolidated(Path(cfg.out_dir), tmp_path / "step5.pt")
+    assert good["iter_num"] == 5
+    train(dataclasses.replace(cfg, init_from="resume", skip_nonfinite=True), {"init_from"})  # every step NaN now
+    assert "step 9: skipped" in capsys.readouterr().out
+    after = consolidated(Path(cfg.out_dir), tmp_path / "step10.pt")
+    assert after["iter_num"] == 10
+    assert all(torch.equal(after["model"][k], good["model"][k]) for k in good["model"])
+
+
 def fake_sharded(folder: Path) -> None:
     folder.mkdir(parents=True)
     (folder / ".metadata").write_bytes(b"")
@@ -263,19 +280,16 @@ def test_bad_parallel_or_batch_settings_are_refused(tiny_cfg, overrides, message
 
 def test_total_batch_size_sets_accumulation_steps(tiny_cfg):
     cfg = tiny_cfg(total_batch_size=1024)  # 4 micro-steps of 8 x 32 tokens
-    assert accumulation_steps(cfg, set(), world_size=1) == 4
-    assert accumulation_steps(cfg, set(), world_size=4) == 4
-    assert (
-        accumulation_steps(dataclasses.replace(cfg, gradient_accumulation_steps=4), {"gradient_accumulation_steps"}, 2)
-        == 4
-    )
-    assert accumulation_steps(tiny_cfg(gradient_accumulation_steps=6), set(), world_size=3) == 6  # unused: as before
+    assert accumulation_steps(cfg, world_size=1) == 4
+    assert accumulation_steps(cfg, world_size=4) == 4
+    assert accumulation_steps(dataclasses.replace(cfg, gradient_accumulation_steps=4), world_size=2) == 4  # agrees
+    assert accumulation_steps(tiny_cfg(gradient_accumulation_steps=6), world_size=3) == 6  # unused: as before
     with pytest.raises(UserError, match=r"4 micro-steps .* 3 processes cannot share .*--total_batch_size=768"):
-        accumulation_steps(cfg, set(), world_size=3)
+        accumulation_steps(cfg, world_size=3)
     with pytest.raises(UserError, match="gradient_accumulation_steps=4 .* but gradient_accumulation_steps=2 is set"):
-        accumulation_steps(dataclasses.replace(cfg, gradient_accumulation_steps=2), set(), 1)
-    with pytest.raises(UserError, match="set only one of them"):  # 1, the default, but set on purpose
-        accumulation_steps(cfg, {"gradient_accumulation_steps"}, 1)
+        accumulation_steps(dataclasses.replace(cfg, gradient_accumulation_steps=2), world_size=1)
+    with pytest.raises(UserError, match="divisible by the world size"):
+        accumulation_steps(tiny_cfg(gradient_accumulation_steps=3), world_size=2)
 
 
 def test_total_batch_size_in_training(tiny_cfg, capsys):

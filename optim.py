@@ -1,0 +1,153 @@
+"""Muon for the transformer blocks' weight matrices, AdamW for everything else.
+
+Muon (Keller Jordan, 2024) is momentum SGD whose update for a 2-D weight matrix is replaced by
+the nearest (semi-)orthogonal matrix, approximated by a few quintic Newton-Schulz iterations:
+every direction of the update moves by about the same amount. Embeddings, the LM head and all
+1-D parameters (norm gains, biases) are not hidden matrices in that sense and stay with AdamW.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+# Coefficients of the quintic iteration x -> a x + b x^3 + c x^5 (applied to singular values),
+# chosen to pull every value in (0, 1] quickly towards 1 rather than to converge exactly:
+# after 5 steps singular values lie roughly in [0.7, 1.2], which is all the update needs.
+NS_COEFFS = (3.4445, -4.7750, 2.0315)
+
+
+def newton_schulz(G: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.Tensor:
+    """Approximately orthogonalise the matrix G (rows, cols): U V^T of its SVD, by a quintic iteration."""
+    a, b, c = NS_COEFFS
+    X = G.float()
+    wide = X.size(0) <= X.size(1)
+    if not wide:  # iterate on the smaller Gram matrix X X^T
+        X = X.T
+    X = X / (X.norm() + eps)  # the spectral norm is at most the Frobenius norm, so all values are <= 1
+    for _ in range(steps):
+        A = X @ X.T  # (r, r), r = min(rows, cols)
+        B = b * A + c * (A @ A)
+        X = a * X + B @ X
+    return (X if wide else X.T).to(G.dtype)
+
+
+class Muon(torch.optim.Optimizer):
+    """MomentUm Orthogonalized by Newton-Schulz, for 2-D parameters only.
+
+    The step of a (rows, cols) matrix is lr * lr_scale * max(1, rows / cols) ** 0.5 times the
+    orthogonalised (Nesterov) momentum; lr_scale lets a schedule written for AdamW's learning
+    rate (group["lr"]) drive Muon's larger one. Weight decay is decoupled, as in AdamW.
+    """
+
+    def __init__(self, params: Any, lr: float = 0.02, lr_scale: float = 1.0, momentum: float = 0.95,
+                 nesterov: bool = True, ns_steps: int = 5, weight_decay: float = 0.0) -> None:  # fmt: skip
+        defaults = dict(lr=lr, lr_scale=lr_scale, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps,
+                        weight_decay=weight_decay)  # fmt: skip
+        super().__init__(params, defaults)
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.dim() != 2:
+                    raise ValueError(f"Muon updates 2-D matrices only, got a parameter of shape {tuple(p.shape)}")
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        """One update of every parameter that has a gradient."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, mu = group["lr"] * group["lr_scale"], group["momentum"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p)
+                buf = state["momentum_buffer"]
+                buf.mul_(mu).add_(p.grad)
+                update = p.grad.add(buf, alpha=mu) if group["nesterov"] else buf
+                update = newton_schulz(update, group["ns_steps"])
+                if group["weight_decay"]:
+                    p.mul_(1 - lr * group["weight_decay"])
+                # Orthogonal updates have unit singular values; tall matrices get a larger step so
+                # the per-element size of the update does not shrink with the number of rows.
+                p.add_(update, alpha=-lr * max(1.0, p.size(0) / p.size(1)) ** 0.5)
+        return loss
+
+
+class CombinedOptimizer:
+    """Several optimizers behind one: step, zero_grad, state_dict and a joint param_groups list.
+
+    The training loop sets group["lr"] on every group, and GradScaler unscales every group's
+    gradients, so neither needs to know there is more than one optimizer.
+    """
+
+    def __init__(self, *optimizers: torch.optim.Optimizer) -> None:
+        self.optimizers = list(optimizers)
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        return [g for opt in self.optimizers for g in opt.param_groups]
+
+    @property
+    def state(self) -> dict[torch.Tensor, Any]:
+        return {p: s for opt in self.optimizers for p, s in opt.state.items()}
+
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        """Step every optimizer (a closure, if given, is evaluated once)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for opt in self.optimizers:
+            opt.step()
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"optimizers": [opt.state_dict() for opt in self.optimizers]}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load what state_dict() returned; a plain AdamW state (another optimizer) is refused."""
+        states = state_dict.get("optimizers")
+        if states is None or len(states) != len(self.optimizers):
+            raise ValueError(
+                "the optimizer state is not a Muon + AdamW state; resume with the optimizer it was saved with"
+            )
+        for opt, state in zip(self.optimizers, states, strict=True):
+            opt.load_state_dict(state)
+
+
+def muon_param_split(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """(Muon's, AdamW's) parameters: the 2-D matrices inside transformer blocks vs everything else."""
+    muon, adamw, seen = [], [], set()
+    for name, p in model.named_parameters():
+        if not p.requires_grad or id(p) in seen:  # a tied matrix appears once
+            continue
+        seen.add(id(p))
+        (muon if p.dim() == 2 and ".h." in f".{name}" else adamw).append(p)
+    return muon, adamw
+
+
+def configure_muon(model: nn.Module, weight_decay: float, learning_rate: float, betas: tuple[float, float],
+                   device_type: str, muon_lr: float = 0.02, muon_momentum: float = 0.95) -> CombinedOptimizer:  # fmt: skip
+    """Muon (peak lr muon_lr) for block matrices, AdamW (peak learning_rate) for the rest; one schedule drives both."""
+    muon_params, adamw_params = muon_param_split(model)
+    muon = Muon(muon_params, lr=learning_rate, lr_scale=muon_lr / learning_rate, momentum=muon_momentum,
+                weight_decay=weight_decay)  # fmt: skip
+    groups = [
+        {"params": [p for p in adamw_params if p.dim() >= 2], "weight_decay": weight_decay},  # embeddings, head
+        {"params": [p for p in adamw_params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    fused = device_type in ("cuda", "cpu") and "fused" in inspect.signature(torch.optim.AdamW).parameters
+    adamw = torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused or None)
+    return CombinedOptimizer(muon, adamw)
