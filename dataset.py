@@ -77,11 +77,11 @@ def example_length(meta: dict[str, Any] | None, block_size: int, dataset: str) -
     length = (meta or {}).get("example_len") or 0
     if not length:
         return 0
-    own_targets = bool(meta.get("targets_dtype"))
-    wanted = length if own_targets else length - 1  # without its own targets, x and y are an example shifted by one
+    if meta.get("targets_dtype"):
+        wanted, how = length, "it has its own targets, so a window is one whole example"
+    else:  # x and y are the example shifted by one
+        wanted, how = length - 1, "a window is one example but its last token, which is only a target"
     if block_size != wanted:
-        how = "it has its own targets, so a window is one whole example" if own_targets else (
-            "a window is one example, its last token only a target")  # fmt: skip
         raise UserError(
             f"dataset '{dataset}' is made of {length}-token examples (meta.pkl example_len) and {how}: "
             f"set --block_size={wanted} (got {block_size})"

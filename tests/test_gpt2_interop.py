@@ -136,7 +136,7 @@ def test_folder_that_is_not_gpt2_is_refused(tmp_path, hf_dir, kind, message):
 
 def test_unknown_init_from_names_the_options():
     for make in (TrainConfig, SampleConfig):
-        with pytest.raises(UserError, match=r"init_from must be .*'gpt2-xl' or the path"):
+        with pytest.raises(UserError, match=r"init_from must be .*'gpt2-xl', the path"):
             make(init_from="gpt9")
 
 
