@@ -323,16 +323,11 @@ def _resume_state(cfg: TrainConfig, explicit: set[str], out_dir: Path) -> tuple[
             f"{path} has no optimizer state (consolidate.py --optimizer=False), so training cannot continue "
             "exactly from it; consolidate again without --optimizer=False"
         )
-    changes = {}
     older = {k: getattr(GPTConfig, k) for k in MODEL_OPTIONS}  # keys a checkpoint older than them lacks
-    for key, value in {**older, **state["model_args"]}.items():
-        if key in ARCH_KEYS[:-1] or key == "dropout":
-            if key in explicit and getattr(cfg, key) != value and key != "dropout":
-                raise UserError(
-                    f"--{key}={getattr(cfg, key)} conflicts with the checkpoint's {key}={value}; drop the override to resume"
-                )
-            if key not in explicit:
-                changes[key] = value
+    arch = {**older, **state["model_args"]}
+    changes = _adopt_architecture(cfg, explicit, arch, "the checkpoint's", "drop the override to resume")
+    if "dropout" not in explicit and "dropout" in arch:
+        changes["dropout"] = arch["dropout"]
     if "seed" not in explicit and "seed" in state["config"]:
         changes["seed"] = state["config"]["seed"]
     return dataclasses.replace(cfg, **changes), state
@@ -384,17 +379,24 @@ def _pretrained_state(cfg: TrainConfig, explicit: set[str]) -> tuple[TrainConfig
     an explicit key that disagrees is an error, except a smaller block_size (the model is cropped to it later)."""
     source = ckpt_io.run_checkpoint(cfg.init_from)
     model = ckpt_io.load_pretrained(cfg.init_from, cfg.dropout) if source is None else _run_model(source, cfg)
+    arch = dataclasses.asdict(model.config)
+    fix = "drop the override (only block_size may be set, and only smaller)"
+    changes = _adopt_architecture(cfg, explicit, arch, f"{cfg.init_from}'s", fix, smaller_block_ok=True)
+    return dataclasses.replace(cfg, **changes), model
+
+
+def _adopt_architecture(cfg: TrainConfig, explicit: set[str], arch: dict[str, Any], whose: str, fix: str,
+                        smaller_block_ok: bool = False) -> dict[str, Any]:  # fmt: skip
+    """The architecture keys to take from a source model: each one not set explicitly; an explicit
+    value that disagrees is an error (except, where allowed, a smaller block_size: the model is cropped)."""
     changes = {}
     for key in ARCH_KEYS[:-1]:  # vocab_size is not a config key
-        value = getattr(model.config, key)
+        value = arch[key]
         if key not in explicit:
             changes[key] = value
-        elif getattr(cfg, key) != value and not (key == "block_size" and cfg.block_size < value):
-            raise UserError(
-                f"--{key}={getattr(cfg, key)} conflicts with {cfg.init_from}'s {key}={value}; drop the override "
-                "(only block_size may be set, and only smaller)"
-            )
-    return dataclasses.replace(cfg, **changes), model
+        elif getattr(cfg, key) != value and not (smaller_block_ok and key == "block_size" and cfg.block_size < value):
+            raise UserError(f"--{key}={getattr(cfg, key)} conflicts with {whose} {key}={value}; {fix}")
+    return changes
 
 
 def _run_model(source: Path, cfg: TrainConfig) -> GPT:
