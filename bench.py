@@ -48,6 +48,7 @@ class BenchConfig:
     steps: int = opt(20, "timed steps (train)")
     warmup: int = opt(5, "untimed steps first: compilation, allocator, caches (train)")
     max_new_tokens: int = opt(500, "tokens to generate (sample)")
+    num_samples: int = opt(1, "sequences decoded side by side (sample); tokens/s counts the tokens of all")
     repeats: int = opt(3, "generations per mode; the median is reported (sample)")
     device: str = opt("auto", "auto, cpu, cuda, cuda:N, mps")
     dtype: str = opt("auto", "auto, float32, bfloat16, float16")
@@ -59,7 +60,7 @@ class BenchConfig:
         if self.what not in ("train", "sample"):
             raise UserError(f"what must be 'train' or 'sample', got {self.what!r}")
         for key in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "batch_size", "steps", "max_new_tokens",
-                    "repeats"):  # fmt: skip
+                    "num_samples", "repeats"):  # fmt: skip
             if getattr(self, key) <= 0:
                 raise UserError(f"{key} must be positive, got {getattr(self, key)}")
         if self.n_embd % self.n_head:
@@ -118,7 +119,7 @@ def bench_train(cfg: BenchConfig, rt: Runtime, model: GPT) -> dict[str, float]:
 def bench_sample(cfg: BenchConfig, rt: Runtime, model: GPT) -> dict[str, float]:
     """New tokens per second with the KV cache and with the window recomputed per token."""
     model.eval()
-    prompt = torch.zeros((1, 1), dtype=torch.long, device=rt.device)
+    prompt = torch.zeros((cfg.num_samples, 1), dtype=torch.long, device=rt.device)
     result = {}
     for use_cache in (True, False):
         times = []
@@ -126,11 +127,11 @@ def bench_sample(cfg: BenchConfig, rt: Runtime, model: GPT) -> dict[str, float]:
             g = torch.Generator(device=rt.device).manual_seed(cfg.seed + r)
             _sync(rt)
             t0 = time.perf_counter()
-            with torch.no_grad(), rt.autocast():
+            with torch.inference_mode(), rt.autocast():
                 model.generate(prompt, cfg.max_new_tokens, top_k=200, generator=g, use_cache=use_cache)
             _sync(rt)
             times.append(time.perf_counter() - t0)
-        tps = cfg.max_new_tokens / statistics.median(times)
+        tps = cfg.num_samples * cfg.max_new_tokens / statistics.median(times)
         result["kv_cache" if use_cache else "recompute"] = tps
         print(f"sample ({'KV cache' if use_cache else 'recompute'}): {tps:,.1f} tok/s (median of {cfg.repeats})")
     print(f"KV cache speed-up: {result['kv_cache'] / result['recompute']:.1f}x")

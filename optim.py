@@ -139,11 +139,12 @@ def muon_param_split(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Para
 
 
 def configure_muon(model: nn.Module, weight_decay: float, learning_rate: float, betas: tuple[float, float],
-                   device_type: str, muon_lr: float = 0.02, muon_momentum: float = 0.95) -> CombinedOptimizer:  # fmt: skip
+                   device_type: str, muon_lr: float = 0.02, muon_momentum: float = 0.95,
+                   ns_steps: int = 5) -> CombinedOptimizer:  # fmt: skip
     """Muon (peak lr muon_lr) for block matrices, AdamW (peak learning_rate) for the rest; one schedule drives both."""
     muon_params, adamw_params = muon_param_split(model)
     muon = Muon(muon_params, lr=learning_rate, lr_scale=muon_lr / learning_rate, momentum=muon_momentum,
-                weight_decay=weight_decay)  # fmt: skip
+                ns_steps=ns_steps, weight_decay=weight_decay)  # fmt: skip
     groups = [
         {"params": [p for p in adamw_params if p.dim() >= 2], "weight_decay": weight_decay},  # embeddings, head
         {"params": [p for p in adamw_params if p.dim() < 2], "weight_decay": 0.0},

@@ -69,9 +69,10 @@ def plot_runs(run_dirs: list[Path], out: Path, title: str = "") -> Path:
             ax_step.plot([r["iter"] for r in logs], [r["loss"] for r in logs], color=color, alpha=0.2, lw=0.8)
         if evals:
             steps = [r["iter"] for r in evals]
-            ax_step.plot(
-                steps, [r["train_loss"] for r in evals], color=color, ls="--", marker=".", label=f"{name} train"
-            )
+            with_train = [r for r in evals if r.get("train_loss") is not None]  # absent with eval_train=False
+            if with_train:
+                ax_step.plot([r["iter"] for r in with_train], [r["train_loss"] for r in with_train], color=color,
+                             ls="--", marker=".", label=f"{name} train")  # fmt: skip
             ax_step.plot(steps, [r["val_loss"] for r in evals], color=color, marker="o", ms=3, label=f"{name} val")
             tokens = [r["tokens_seen"] for r in evals]
             ax_tokens.plot(tokens, [r["val_loss"] for r in evals], color=color, marker="o", ms=3, label=name)

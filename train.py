@@ -47,6 +47,10 @@ class TrainConfig:
     log_interval: int = opt(1, "print a log line every this many steps")
     eval_iters: int = opt(200, "batches per loss estimate; 0 = the whole split")
     eval_only: bool = opt(False, "estimate the losses once and exit, without training")
+    eval_train: bool = opt(
+        True, "estimate the train loss too at each eval; False = val only (saves time with eval_iters=0)"
+    )
+    eval_at_start: bool = opt(True, "evaluate before the first step, as nanoGPT does; False saves that time")
     always_save_checkpoint: bool = opt(True, "write ckpt.pt at every eval, not only when val loss improves")
     init_from: str = opt(
         "scratch",
@@ -93,6 +97,7 @@ class TrainConfig:
     )
     muon_lr: float = opt(0.02, "Muon's peak learning rate; the schedule scales it as it scales learning_rate")
     muon_momentum: float = opt(0.95, "Muon's (Nesterov) momentum")
+    muon_ns_steps: int = opt(5, "Muon's Newton-Schulz iterations per update (fewer: cheaper, less orthogonal)")
     grad_clip: float = opt(1.0, "clip the gradient norm to this; 0 = no clipping")
     skip_nonfinite: bool = opt(False, "skip steps with a non-finite loss or gradient instead of stopping")
     # learning rate schedule
@@ -168,6 +173,8 @@ class TrainConfig:
             raise UserError(f"optimizer must be 'adamw' or 'muon', got {self.optimizer!r}")
         if self.optimizer == "muon" and self.parallel == "fsdp":
             raise UserError("optimizer='muon' needs whole weight matrices; use it with parallel='ddp', not 'fsdp'")
+        if self.muon_ns_steps < 1:
+            raise UserError(f"muon_ns_steps must be at least 1, got {self.muon_ns_steps}")
         if not self.muon_lr > 0 or not 0.0 <= self.muon_momentum < 1.0:
             raise UserError(
                 f"muon_lr must be positive and muon_momentum in [0, 1), got {self.muon_lr}, {self.muon_momentum}"
@@ -456,9 +463,10 @@ def _train(cfg: TrainConfig, explicit: set[str], rt: Runtime) -> dict[str, Any]:
             )
     sampler = ds.BatchSampler(len(splits["train"]), cfg.block_size, cfg.batch_size, cfg.gradient_accumulation_steps,
                               cfg.seed, cfg.sampler, example_len)  # fmt: skip
+    eval_splits = splits if cfg.eval_train else {"val": splits["val"]}
     eval_offsets = {
         s: ds.eval_offsets(len(d), cfg.block_size, cfg.batch_size, cfg.eval_iters, example_len)
-        for s, d in splits.items()
+        for s, d in eval_splits.items()
     }
 
     # Output folder: must be writable before we spend time training.
@@ -505,7 +513,7 @@ def _train(cfg: TrainConfig, explicit: set[str], rt: Runtime) -> dict[str, Any]:
     scaler = rt.grad_scaler()
     if cfg.optimizer == "muon":  # Muon for the blocks' matrices, AdamW for the rest, behind one optimizer
         optimizer = optim.configure_muon(model, cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
-                                         rt.device_type, cfg.muon_lr, cfg.muon_momentum)  # fmt: skip
+                                         rt.device_type, cfg.muon_lr, cfg.muon_momentum, cfg.muon_ns_steps)  # fmt: skip
     else:
         optimizer = model.configure_optimizers(
             cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), rt.device_type
@@ -583,15 +591,18 @@ def _train(cfg: TrainConfig, explicit: set[str], rt: Runtime) -> dict[str, Any]:
             for group in optimizer.param_groups:
                 group["lr"] = lr
             resumed_here = state is not None and iter_num == first_iter and state.get("evaluated") and not cfg.eval_only
-            if (iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters or cfg.eval_only) and not resumed_here:
+            skip_start = iter_num == 0 and not cfg.eval_at_start and not cfg.eval_only
+            due = iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters or cfg.eval_only
+            if due and not resumed_here and not skip_start:
                 t_eval = time.perf_counter()
-                losses = estimate_loss(model, splits, eval_offsets, rt, cfg.block_size)
+                losses = estimate_loss(model, eval_splits, eval_offsets, rt, cfg.block_size)
                 improved = losses["val"] < best_val_loss
                 if improved:
                     best_val_loss, best_iter = losses["val"], iter_num
                 if rt.master:
-                    print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
-                    log.write({"iter": iter_num, "train_loss": losses["train"], "val_loss": losses["val"], "lr": lr,
+                    train_part = f"train loss {losses['train']:.4f}, " if "train" in losses else ""
+                    print(f"step {iter_num}: {train_part}val loss {losses['val']:.4f}")
+                    log.write({"iter": iter_num, "train_loss": losses.get("train"), "val_loss": losses["val"], "lr": lr,
                                "tokens_seen": tokens_seen, "elapsed_s": round(time.time() - t_start, 3)})  # fmt: skip
                 # Under FSDP every forward pass is collective, so every rank generates the (same) sample.
                 if cfg.eval_sample_tokens and (rt.master or sharded):
@@ -730,8 +741,8 @@ def _print_summary(s: dict[str, Any], steps: int, cfg: TrainConfig) -> None:
     best = f"{s['best_val_loss']:.4f} at step {s['best_iter']}" if s["best_iter"] is not None else "none"
     mfu = f", MFU {s['mfu'] * 100:.1f}%" if s["mfu"] is not None else ""
     print(f"done: {steps} steps in {_duration(s['elapsed_s'])} ({_duration(s['eval_s'])} of it evaluating)")
-    print(f"  best val loss {best}" + (f"; last: train {s['train_loss']:.4f}, val {s['val_loss']:.4f}"
-                                        if s["val_loss"] is not None else ""))  # fmt: skip
+    last = [f"{split} {s[split + '_loss']:.4f}" for split in ("train", "val") if s[split + "_loss"] is not None]
+    print(f"  best val loss {best}" + (f"; last: {', '.join(last)}" if last else ""))
     print(f"  tokens seen {s['tokens_seen']:,}; {s['tokens_per_sec']:,.0f} tokens/s while training{mfu}")
     saved = Path(s["checkpoint"])
     best = saved.with_name("best" + saved.suffix)

@@ -35,6 +35,15 @@ def test_bench_sample_compares_cache_and_recompute(capsys):
     assert record["speedup"] == pytest.approx(result["kv_cache"] / result["recompute"])
 
 
+def test_bench_sample_counts_every_sequence_of_a_batch(capsys):
+    result = bench(BenchConfig(what="sample", max_new_tokens=20, repeats=1, num_samples=3, **TINY))
+    assert result["kv_cache"] > 0
+    record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert record["kv_cache_tokens_per_sec"] == pytest.approx(result["kv_cache"])
+    with pytest.raises(UserError, match="num_samples"):
+        BenchConfig(what="sample", num_samples=0)
+
+
 def test_bench_takes_the_model_options(capsys):
     options = dict(pos_emb="rope", norm="rmsnorm", activation="swiglu", qk_norm=True, n_kv_head=1,
                    tie_weights=False, logit_softcap=10.0)  # fmt: skip

@@ -182,6 +182,16 @@ def test_train_config_from_the_shipped_config_file_plus_override():
     assert explicit["always_save_checkpoint"] is False and explicit["out_dir"] == "out-shakespeare-char"
 
 
+def test_every_shipped_config_file_is_a_valid_train_config():
+    from train import TrainConfig
+
+    for path in sorted((REPO / "config").glob("*.py")):
+        cfg = load_config(TrainConfig, [str(path)])  # validation runs in __post_init__
+        assert cfg.out_dir != "out", path  # each writes to its own folder
+    speedrun = load_config(TrainConfig, [str(REPO / "config" / "shakespeare_char_speedrun.py")])
+    assert speedrun.device == "cpu" and speedrun.eval_iters == 0 and not speedrun.eval_train
+
+
 def test_train_config_types_and_raw_str():
     from train import TrainConfig
 

@@ -286,6 +286,17 @@ def test_combined_optimizer_drives_both_with_one_schedule_and_round_trips():
         fresh.load_state_dict(model.configure_optimizers(0.0, 1e-3, (0.9, 0.95), "cpu").state_dict())
 
 
+def test_muon_ns_steps_reaches_the_optimizer_and_fewer_steps_orthogonalise_less():
+    opt = configure_muon(tiny(), 0.0, 1e-3, (0.9, 0.95), "cpu", ns_steps=3)
+    assert opt.optimizers[0].param_groups[0]["ns_steps"] == 3
+    g = torch.Generator().manual_seed(1)
+    G = torch.randn(64, 16, generator=g) @ torch.diag(torch.logspace(-3, 0, 16)) @ torch.randn(16, 16, generator=g)
+    spread = [torch.linalg.svdvals(newton_schulz(G, steps=n)).min().item() for n in (1, 3, 5)]
+    assert spread[0] < spread[1] < spread[2]  # the smallest singular values climb towards 1 step by step
+    with pytest.raises(UserError, match="muon_ns_steps"):
+        TrainConfig(muon_ns_steps=0)
+
+
 def test_muon_with_fsdp_and_unknown_optimizers_are_refused():
     with pytest.raises(UserError, match="fsdp"):
         TrainConfig(optimizer="muon", parallel="fsdp", dtype="bfloat16")

@@ -96,6 +96,20 @@ def test_always_save_checkpoint_false_keeps_best(tiny_cfg):
     assert state["iter_num"] == best_iter
 
 
+def test_val_only_evals_skip_the_start(tiny_cfg, capsys):
+    """eval_train=False, eval_at_start=False: no step-0 eval, no train loss, the val loss unchanged."""
+    cfg = tiny_cfg(max_iters=20, lr_decay_iters=20, eval_interval=10, eval_iters=0)  # eval_iters=0: whole splits
+    both = train(cfg)
+    lean_cfg = dataclasses_replace(cfg, out_dir=cfg.out_dir + "-lean", eval_train=False, eval_at_start=False)
+    lean = train(lean_cfg)
+    _, evals = read_metrics(lean_cfg.out_dir)
+    assert [r["iter"] for r in evals] == [10, 20]
+    assert all(r["train_loss"] is None for r in evals)
+    assert lean["train_loss"] is None and both["train_loss"] is not None
+    assert lean["val_loss"] == both["val_loss"]  # the same training stream and the same eval batches
+    assert "last: val " in capsys.readouterr().out
+
+
 def dataclasses_replace(cfg, **kw):
     import dataclasses
 
@@ -170,6 +184,18 @@ def test_sample_after_training(tiny_cfg, capsys):
         sample(SampleConfig(out_dir=cfg.out_dir, device="cpu", start="FILE:/nonexistent/prompt.txt"))
     with pytest.raises(UserError, match="no checkpoint"):
         sample(SampleConfig(out_dir=cfg.out_dir + "-missing", device="cpu"))
+
+
+def test_batched_samples_match_one_at_a_time(tiny_cfg):
+    """Greedy decoding: samples drawn side by side (5 in batches of 2, 2, 1) equal one drawn alone."""
+    cfg = tiny_cfg(max_iters=10, eval_interval=10)
+    train(cfg)
+    kw = dict(out_dir=cfg.out_dir, device="cpu", max_new_tokens=70, start="ROMEO:", temperature=0.0)  # > block_size
+    alone = sample(SampleConfig(num_samples=1, **kw))
+    batched = sample(SampleConfig(num_samples=5, batch_size=2, **kw))
+    assert batched == alone * 5
+    drawn = sample(SampleConfig(num_samples=4, batch_size=4, **{**kw, "temperature": 1.0}))
+    assert len(drawn) == 4 and len(set(drawn)) == 4  # sampled rows differ
 
 
 @pytest.mark.slow
