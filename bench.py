@@ -19,11 +19,8 @@ from dataclasses import dataclass
 import torch
 
 from configurator import UserError, cli_errors, load_config, opt
-from model import GPT, GPTConfig
+from model import GPT, MODEL_OPTIONS, GPTConfig
 from runtime import Runtime, peak_flops, setup_runtime, teardown
-
-# GPTConfig's modern options, taken over by name from BenchConfig.
-MODEL_OPTIONS = ("pos_emb", "norm", "activation", "qk_norm", "n_kv_head", "tie_weights", "logit_softcap")
 
 
 @dataclass

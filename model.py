@@ -75,6 +75,9 @@ class GPTConfig:
                 self.logit_softcap) == ("learned", "layernorm", "gelu", False, self.n_head, True, 0.0)  # fmt: skip
 
 
+# GPTConfig's modern options: the config keys of train.py and bench.py that carry them over by name.
+MODEL_OPTIONS = ("pos_emb", "norm", "activation", "qk_norm", "n_kv_head", "tie_weights", "logit_softcap")
+
 # OpenAI's four GPT-2 sizes on the Hugging Face hub: 124M, 350M, 774M and 1558M parameters.
 GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 # Hugging Face's GPT-2 keeps these weights in Conv1D layers, shaped (in, out): nn.Linear's transpose.

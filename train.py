@@ -29,11 +29,10 @@ import dataset as ds
 import optim
 import parallel
 from configurator import UserError, cli_errors, opt, read_overrides, show_progress
-from model import GPT, GPTConfig
+from model import GPT, MODEL_OPTIONS, GPTConfig
 from runtime import Runtime, peak_flops, setup_runtime, teardown
 
-# Model options of GPTConfig with TrainConfig keys of the same name; checkpoints older than them mean the defaults.
-MODEL_OPTIONS = ("pos_emb", "norm", "activation", "qk_norm", "n_kv_head", "tie_weights", "logit_softcap")
+# The keys that fix the architecture a checkpoint records (a checkpoint older than MODEL_OPTIONS means their defaults).
 ARCH_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias", *MODEL_OPTIONS, "vocab_size")
 
 
@@ -131,7 +130,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         positive = ["eval_interval", "log_interval", "gradient_accumulation_steps", "batch_size", "block_size",
-                    "n_layer", "n_head", "n_embd"]  # fmt: skip
+                    "n_layer", "n_head", "n_embd", "muon_ns_steps"]  # fmt: skip
         for key in positive:
             if getattr(self, key) <= 0:
                 raise UserError(f"{key} must be positive, got {getattr(self, key)}")
@@ -173,8 +172,6 @@ class TrainConfig:
             raise UserError(f"optimizer must be 'adamw' or 'muon', got {self.optimizer!r}")
         if self.optimizer == "muon" and self.parallel == "fsdp":
             raise UserError("optimizer='muon' needs whole weight matrices; use it with parallel='ddp', not 'fsdp'")
-        if self.muon_ns_steps < 1:
-            raise UserError(f"muon_ns_steps must be at least 1, got {self.muon_ns_steps}")
         if not self.muon_lr > 0 or not 0.0 <= self.muon_momentum < 1.0:
             raise UserError(
                 f"muon_lr must be positive and muon_momentum in [0, 1), got {self.muon_lr}, {self.muon_momentum}"
@@ -600,8 +597,7 @@ def _train(cfg: TrainConfig, explicit: set[str], rt: Runtime) -> dict[str, Any]:
                 if improved:
                     best_val_loss, best_iter = losses["val"], iter_num
                 if rt.master:
-                    train_part = f"train loss {losses['train']:.4f}, " if "train" in losses else ""
-                    print(f"step {iter_num}: {train_part}val loss {losses['val']:.4f}")
+                    print(f"step {iter_num}: " + ", ".join(f"{split} loss {v:.4f}" for split, v in losses.items()))
                     log.write({"iter": iter_num, "train_loss": losses.get("train"), "val_loss": losses["val"], "lr": lr,
                                "tokens_seen": tokens_seen, "elapsed_s": round(time.time() - t_start, 3)})  # fmt: skip
                 # Under FSDP every forward pass is collective, so every rank generates the (same) sample.
