@@ -27,7 +27,11 @@ from runtime import Runtime, peak_flops, setup_runtime, teardown
 class BenchConfig:
     """Benchmark configuration."""
 
-    what: str = opt("train", "'train' (forward, backward, optimizer step) or 'sample' (KV cache vs recompute)")
+    what: str = opt(
+        "train",
+        "'train' (forward, backward, optimizer step), 'sample' (KV cache vs recompute), or 'peak' (measure this "
+        "machine's matmul peak for MFU again and remember it; run it on an idle machine)",
+    )
     n_layer: int = opt(12, "transformer blocks")
     n_head: int = opt(12, "attention heads")
     n_embd: int = opt(768, "embedding width")
@@ -54,8 +58,8 @@ class BenchConfig:
     seed: int = opt(1337, "random seed")
 
     def __post_init__(self) -> None:
-        if self.what not in ("train", "sample"):
-            raise UserError(f"what must be 'train' or 'sample', got {self.what!r}")
+        if self.what not in ("train", "sample", "peak"):
+            raise UserError(f"what must be 'train', 'sample' or 'peak', got {self.what!r}")
         for key in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "batch_size", "steps", "max_new_tokens",
                     "num_samples", "repeats"):  # fmt: skip
             if getattr(self, key) <= 0:
@@ -106,10 +110,11 @@ def bench_train(cfg: BenchConfig, rt: Runtime, model: GPT) -> dict[str, float]:
     dt = statistics.median(times)
     tps = cfg.batch_size * cfg.block_size / dt
     peak = peak_flops(rt, cfg.peak_flops)
-    mfu = model.estimate_mfu(tps, peak)
-    print(f"train: {dt * 1000:.2f} ms/iter (median of {cfg.steps}), {tps:,.0f} tok/s, mfu {mfu * 100:.1f}%")
+    mfu = peak.mfu(model.flops_per_token() * tps)
+    shown = f"{mfu * 100:.1f}%" if mfu is not None else f"n/a (peak {peak.source})"
+    print(f"train: {dt * 1000:.2f} ms/iter (median of {cfg.steps}), {tps:,.0f} tok/s, mfu {shown}")
     result = {"ms_per_iter": dt * 1000, "tokens_per_sec": tps, "mfu": mfu}
-    _emit(cfg, rt, model, {**result, "achieved_flops": model.flops_per_token() * tps, "peak_flops": peak})
+    _emit(cfg, rt, model, {**result, "achieved_flops": model.flops_per_token() * tps, "peak_flops": peak.flops})
     return result
 
 
@@ -138,10 +143,20 @@ def bench_sample(cfg: BenchConfig, rt: Runtime, model: GPT) -> dict[str, float]:
     return result
 
 
+def bench_peak(rt: Runtime) -> dict[str, float | None]:
+    """Measure the matmul peak that MFU divides by, and remember it for this machine."""
+    peak = peak_flops(rt, remeasure=True)
+    shown = f"{peak.flops / 1e12:.3g} TFLOP/s" if peak.flops else "not kept"
+    print(f"peak: {shown} ({peak.source})")
+    return {"peak_flops": peak.flops}
+
+
 def bench(cfg: BenchConfig) -> dict[str, float]:
     """Run the benchmark cfg.what and return its figures."""
     rt = setup_runtime(cfg.device, cfg.dtype)
     try:
+        if cfg.what == "peak":
+            return bench_peak(rt)
         torch.manual_seed(cfg.seed)
         model = GPT(cfg.model_config()).to(rt.device)
         print(f"{cfg.what}: {model.get_num_params() / 1e6:.2f}M parameters on {rt.device} ({rt.dtype})")

@@ -21,12 +21,15 @@ import os
 import random
 import shutil
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+import dataset as ds
 from configurator import UserError
 from model import GPT, GPT2_NAMES, GPTConfig
 
@@ -81,6 +84,40 @@ def _read(path: Path, required: tuple[str, ...], map_location: str = "cpu") -> d
     return state
 
 
+def checkpoint_vocab(state: dict[str, Any], path: str | Path, dataset: str = "") -> dict[str, Any] | None:
+    """The vocabulary a checkpoint's token ids mean: its meta.pkl contents, or None for GPT-2 BPE.
+
+    gptsmith checkpoints record it ("meta", and since "tokenizer"), so no dataset folder is read.
+    Checkpoints that do not (nanoGPT's) mean the meta.pkl of `dataset`, by default the dataset
+    they were trained on (their config's), or GPT-2 BPE where it has none, as nanoGPT's
+    sample.py assumes; a model too small for GPT-2 BPE without a meta.pkl is an error.
+    """
+    if "tokenizer" in state or "meta" in state:
+        return state.get("meta")
+    name = dataset or str(state.get("config", {}).get("dataset", ""))
+    vocab_size = state["model_args"].get("vocab_size", ds.GPT2_VOCAB_SIZE)
+    meta = ds.load_meta(ds.dataset_dir(name)) if name else None
+    if meta is not None:
+        if meta["vocab_size"] != vocab_size:
+            raise UserError(
+                f"{path} records no vocabulary, and {ds.dataset_dir(name) / 'meta.pkl'} has {meta['vocab_size']} "
+                f"tokens where the model has {vocab_size}; pass --dataset= the dataset it was trained on"
+            )
+        return meta
+    if vocab_size >= ds.GPT2_BPE_TOKENS:
+        return None
+    where = f"{ds.dataset_dir(name) / 'meta.pkl'} is missing" if name else "it names no dataset"
+    raise UserError(
+        f"{path} records no vocabulary (a nanoGPT checkpoint?) and its model has {vocab_size} tokens, too few for "
+        f"GPT-2 BPE, but {where}; pass --dataset=NAME_OR_FOLDER of the dataset (with its meta.pkl) it was trained on"
+    )
+
+
+def tokenizer_record(meta: dict[str, Any] | None) -> dict[str, Any]:
+    """What a checkpoint stores so that it decodes without any dataset folder."""
+    return {"tokenizer": "gpt2" if meta is None else "meta", "meta": meta}
+
+
 def model_from_checkpoint(state: dict[str, Any], path: str | Path) -> GPT:
     """Rebuild the model a checkpoint describes and load its weights."""
     try:
@@ -125,7 +162,7 @@ def load_run_model(path: Path, dropout: float) -> tuple[GPT, dict[str, Any] | No
     """Another run's model from its checkpoint, with this run's dropout, and its vocabulary (meta)."""
     state = load_checkpoint(path)
     state["model_args"] = {**state["model_args"], "dropout": dropout}  # dropout is a training choice, not architecture
-    return model_from_checkpoint(state, path), state.get("meta")
+    return model_from_checkpoint(state, path), checkpoint_vocab(state, path)
 
 
 def load_pretrained(init_from: str, dropout: float = 0.0) -> GPT:
@@ -152,6 +189,14 @@ def load_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], path:
         raise UserError(f"checkpoint {path} does not fit this architecture: {first[0].strip()}") from None
 
 
+def load_optimizer(optimizer: Any, state: dict[str, Any], path: str | Path) -> None:
+    """optimizer.load_state_dict, a mismatch (another optimizer, another model) as UserError."""
+    try:
+        optimizer.load_state_dict(state)
+    except (ValueError, KeyError) as e:
+        raise UserError(f"the optimizer state in {path} does not fit this run's optimizer: {e}") from None
+
+
 def rng_state() -> dict[str, Any]:
     """Every random number generator training uses, as plain values (bytes, lists), so the
     state pickles anywhere, including across processes with all_gather_object."""
@@ -173,6 +218,17 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(_byte_tensor(state["torch"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([_byte_tensor(s) for s in state["cuda"]])
+
+
+@contextmanager
+def isolated_rng() -> Iterator[None]:
+    """Run something that is not training (measuring, sampling, plotting, logging) without
+    moving any random stream training draws from: the states are put back afterwards."""
+    state = rng_state()
+    try:
+        yield
+    finally:
+        set_rng_state(state)
 
 
 def _byte_tensor(b: bytes) -> torch.Tensor:

@@ -66,22 +66,21 @@ def _type_name(tp: Any) -> str:
 
 def coerce(key: str, value: Any, tp: Any) -> Any:
     """Check value against a field type; an int is accepted for a float, a number for a str."""
-    args = typing.get_args(tp)
+    declared, args = tp, typing.get_args(tp)
     if type(None) in args:  # Optional[X]
         if value is None:
             return None
         tp = next(a for a in args if a is not type(None))
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise UserError(f"{key} must be True or False, got {value!r}")
+    if tp is bool and isinstance(value, bool):
+        return value
     if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     if tp is int and isinstance(value, int) and not isinstance(value, bool):
         return value
     if tp is str and isinstance(value, str):
         return value
-    raise UserError(f"{key} must be {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+    expected = "True or False" if declared is bool else _type_name(declared)
+    raise UserError(f"{key} must be {expected}, got {value!r} ({type(value).__name__})")
 
 
 def _unknown_key(key: str, known: list[str], where: str) -> UserError:

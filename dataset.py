@@ -27,7 +27,7 @@ import torch
 
 from configurator import UserError
 
-DATA_ROOT = Path(__file__).resolve().parent / "data"
+DATA_ROOT = Path("data")  # relative to the current directory, as in nanoGPT: run the commands from the clone
 GPT2_BPE_TOKENS = 50257  # GPT-2's BPE vocabulary: the rows of OpenAI's embedding matrix
 GPT2_VOCAB_SIZE = 50304  # GPT-2's 50257 padded to a multiple of 64 for faster matmuls
 EVAL_SEED = 20240101  # fixed, so val losses of runs with different seeds are comparable
@@ -36,7 +36,7 @@ TARGET_DTYPES = ("int16", "int32")  # <split>.targets.bin: signed, for -1 = no t
 
 
 def dataset_dir(dataset: str) -> Path:
-    """data/<dataset>/ beside this file, or the folder itself when dataset is a path."""
+    """data/<dataset>/ under the current directory, or the folder itself when dataset is a path."""
     p = Path(dataset)
     if len(p.parts) > 1 or p.is_absolute():
         return p
@@ -50,6 +50,22 @@ def prepare_hint(dataset: str) -> str:
     return "prepare it first (see README: 'Training on your own text')"
 
 
+class UnsafePickle(pickle.UnpicklingError):
+    """A pickle that names a class or function: loading it could run code."""
+
+
+class PlainUnpickler(pickle.Unpickler):
+    """An unpickler for plain values only: dict, list, tuple, str, bytes, int, float, bool and None
+    have opcodes of their own, while anything that could run code (an object, a function call)
+    must name a global, which is refused (but set and frozenset, which older protocols name).
+    nanoGPT's meta.pkl loads; a booby-trapped one does not."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module in ("builtins", "__builtin__") and name in ("set", "frozenset"):
+            return {"set": set, "frozenset": frozenset}[name]
+        raise UnsafePickle(f"it names {module}.{name}, and loading it would run code")
+
+
 def load_meta(folder: Path) -> dict[str, Any] | None:
     """meta.pkl of a dataset folder, checked; None when there is none (GPT-2 BPE)."""
     path = folder / "meta.pkl"
@@ -57,7 +73,10 @@ def load_meta(folder: Path) -> dict[str, Any] | None:
         return None
     try:
         with open(path, "rb") as f:
-            meta = pickle.load(f)
+            meta = PlainUnpickler(f).load()
+    except UnsafePickle as e:
+        raise UserError(f"{path} refused: {e}; a meta.pkl holds only plain values (re-run the dataset's "
+                        "prepare script, or ask where this one came from)") from None  # fmt: skip
     except Exception as e:  # truncated or garbage: pickle raises many types
         raise UserError(f"{path} is unreadable ({type(e).__name__}); re-run the dataset's prepare script") from None
     if not isinstance(meta, dict) or not isinstance(meta.get("vocab_size"), int) or meta["vocab_size"] <= 0:

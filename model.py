@@ -391,24 +391,31 @@ class GPT(nn.Module):
         generator: torch.Generator | None = None,
         use_cache: bool = True,
         on_token: Callable[[], None] | None = None,
+        window: str = "restart",
     ) -> torch.Tensor:
         """Continue idx (B, T) by max_new_tokens sampled tokens; temperature 0 is greedy.
 
-        With the KV cache each new token runs one position through the model. The context
-        is a window of at most block_size tokens; when it is full it restarts from the
-        newest block_size // 2 tokens (one forward pass over them), because learned
-        position embeddings (or, with rope, rotations by absolute position) are baked into
-        the cached keys and positions past block_size were never trained. So every
-        token sees between block_size // 2 and block_size tokens of context. use_cache=False
-        recomputes the same windows from scratch (the reference the cache is tested against).
-        on_token, if given, is called after each new token (progress bars).
+        The context is at most block_size tokens. window="restart" (the default) runs with the KV
+        cache, each new token costing one position: when the window is full it restarts from the
+        newest block_size // 2 tokens (one forward pass over them), because learned position
+        embeddings (or, with rope, rotations by absolute position) are baked into the cached keys
+        and positions past block_size were never trained; so every token sees between
+        block_size // 2 and block_size tokens of context. use_cache=False recomputes the same
+        windows from scratch (the reference the cache is tested against).
+        window="slide" is nanoGPT's: every token sees the newest block_size tokens, recomputed from
+        scratch each time (no cache: slower once the window is full, and the same tokens as
+        nanoGPT's generate). on_token, if given, is called after each new token (progress bars).
         """
+        if window not in ("restart", "slide"):
+            raise ValueError(f"window must be 'restart' or 'slide', got {window!r}")
         block = self.config.block_size
         keep = max(1, block // 2)
         start = max(0, idx.size(1) - block)  # the window is idx[:, start:]
-        cache = KVCache(self.config.n_layer, block) if use_cache else None
+        cache = KVCache(self.config.n_layer, block) if use_cache and window == "restart" else None
         for _ in range(max_new_tokens):
-            if idx.size(1) - start > block:
+            if window == "slide":
+                start = max(0, idx.size(1) - block)
+            elif idx.size(1) - start > block:
                 start = idx.size(1) - keep
                 if cache is not None:
                     cache.reset()
@@ -416,16 +423,7 @@ class GPT(nn.Module):
                 logits, _ = self(idx[:, start + cache.length :], cache=cache)
             else:
                 logits, _ = self(idx[:, start:])
-            logits = logits[:, -1, :].float()  # (B, vocab)
-            if temperature == 0:
-                idx_next = logits.argmax(dim=-1, keepdim=True)
-            else:
-                logits = logits / temperature
-                if top_k is not None:
-                    v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
-                    logits[logits < v[:, [-1]]] = -float("inf")
-                probs = F.softmax(logits, dim=-1)
-                idx_next = torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1)
+            idx_next = sample_next(logits[:, -1, :].float(), temperature, top_k, generator)  # (B, 1)
             idx = torch.cat((idx, idx_next), dim=1)
             if on_token is not None:
                 on_token()
@@ -497,6 +495,21 @@ def _config_from_hf(hf: Any, name: str) -> GPTConfig:
 
 def _first_line(e: Exception) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def sample_next(
+    logits: torch.Tensor, temperature: float, top_k: int | None, generator: torch.Generator | None
+) -> torch.Tensor:
+    """The next token of each row of logits (B, vocab): argmax at temperature 0, else sampled
+    from the softmax of logits / temperature, among the top_k most likely when top_k is set."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits / temperature
+    if top_k is not None:
+        v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+        logits[logits < v[:, [-1]]] = -float("inf")
+    probs = F.softmax(logits, dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1)
 
 
 def masked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

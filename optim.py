@@ -127,6 +127,26 @@ class CombinedOptimizer:
             opt.load_state_dict(state)
 
 
+def load_moments(optimizer: torch.optim.Optimizer | CombinedOptimizer, load: Callable[[], None]) -> list[str]:
+    """Run load() (which fills the optimizer from a checkpoint), keeping this run's hyper-parameters.
+
+    load_state_dict restores the saved param groups too (betas, weight_decay, momentum, ns_steps,
+    ...), so a changed setting would silently do nothing on resume: the checkpoint gives the
+    moments, the run's configuration the settings. Returns the settings that differ from the
+    checkpoint's, as 'name old -> new' (lr excepted: the schedule sets it at every step).
+    """
+    ours = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    load()
+    changed = []
+    for group, settings in zip(optimizer.param_groups, ours, strict=True):
+        for key, value in settings.items():
+            saved = group.get(key)
+            if key not in ("lr", "initial_lr") and saved != value and f"{key} {saved} -> {value}" not in changed:
+                changed.append(f"{key} {saved} -> {value}")
+        group.update(settings)
+    return changed
+
+
 def muon_param_split(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
     """(Muon's, AdamW's) parameters: the 2-D matrices inside transformer blocks vs everything else."""
     muon, adamw, seen = [], [], set()

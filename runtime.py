@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
+import platform
 import re
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -104,11 +107,24 @@ def resolve_dtype(dtype: str, device: str) -> str:
     return "float32"
 
 
+TORCH_FLOOR = (2, 6)  # fully_shard (FSDP2) became public in torch 2.6, DTensor in 2.5
+
+
+def check_torch_version(version: str | None = None) -> None:
+    """Refuse a torch older than the floor pyproject.toml states, with one line saying what to do."""
+    version = version or torch.__version__
+    numbers = tuple(int(p) for p in re.findall(r"\d+", version.split("+")[0])[:2])
+    if numbers < TORCH_FLOOR:
+        floor = ".".join(map(str, TORCH_FLOOR))
+        raise UserError(f"gptsmith needs torch >= {floor}, this is torch {version}; install a newer torch first")
+
+
 def setup_runtime(device: str = "auto", dtype: str = "auto", backend: str = "auto", group: bool = False) -> Runtime:
     """Pick device and dtype, and join the process group when launched by torchrun.
 
     group=True makes a process group of one when not launched by torchrun (FSDP needs one).
     """
+    check_torch_version()
     rank = int(os.environ.get("RANK", -1))
     if rank == -1:
         dev = resolve_device(device)
@@ -125,7 +141,7 @@ def setup_runtime(device: str = "auto", dtype: str = "auto", backend: str = "aut
             torch.cuda.set_device(dev)
         owns_group = not torch.distributed.is_initialized()  # a caller's own group stays theirs
         if owns_group:
-            _init_group(_backend(backend, dev), dev)
+            _init_group(_backend(backend, dev), dev, **_restart_safe_rendezvous(rank, world_size))
         rt = Runtime(dev, resolve_dtype(dtype, dev), rank, local_rank, world_size, owns_group=owns_group)
     if rt.device_type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 tensor cores for float32 matmuls
@@ -140,6 +156,25 @@ def _backend(backend: str, device: str) -> str:
     return "nccl" if device.startswith("cuda") else "gloo"
 
 
+def _restart_safe_rendezvous(rank: int, world_size: int) -> dict[str, Any]:
+    """Arguments for init_process_group that survive torchrun's restarts (--max-restarts).
+
+    By default torchrun lends its workers its own store (TORCHELASTIC_USE_AGENT_STORE=True), the
+    same one in every restart round, and the process group writes the same keys into it each
+    round: restarted workers read the addresses of the workers that died and fail to connect
+    ("Gloo connectFullMesh failed ... Connection refused"). Keys under a prefix per restart
+    round keep the rounds apart. Without torchelastic's store: {} (env:// as usual).
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return {}
+    store = torch.distributed.TCPStore(
+        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size, is_master=False
+    )
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return {"store": torch.distributed.PrefixStore(f"gptsmith/restart{attempt}", store), "rank": rank,
+            "world_size": world_size}  # fmt: skip
+
+
 def _init_group(backend: str, device: str, **kwargs: Any) -> None:
     """init_process_group; by default from torchrun's environment variables (env://)."""
     device_id = torch.device(device) if device.startswith("cuda") else None
@@ -152,29 +187,121 @@ def teardown(rt: Runtime) -> None:
         torch.distributed.destroy_process_group()
 
 
-def peak_flops(rt: Runtime, configured: float = 0.0) -> float:
+@dataclass
+class Peak:
+    """The peak FLOP/s that MFU divides by, and where it came from; flops None = unknown (MFU not shown)."""
+
+    flops: float | None
+    source: str
+
+    def mfu(self, achieved_flops: float) -> float | None:
+        return achieved_flops / self.flops if self.flops else None
+
+
+def peak_flops(rt: Runtime, configured: float = 0.0, remeasure: bool = False) -> Peak:
     """The device's peak FLOP/s in rt.dtype: configured, else a known GPU's datasheet, else
-    measured with a large matmul (CPUs and unknown GPUs)."""
+    measured with a large matmul once per machine and remembered in a cache file, so MFU is
+    comparable between runs. A measurement taken while other processes kept the CPU busy is
+    thrown away (it would understate the peak and inflate MFU): MFU is then unknown.
+    remeasure=True ignores the cache (python bench.py --what=peak)."""
     if configured > 0:
-        return configured
+        return Peak(configured, "configured")
     if rt.device_type == "cuda":
         name = torch.cuda.get_device_name(rt.device)
         for key, half, fp32 in GPU_PEAK_FLOPS:
             if key in name:
-                return half if rt.dtype != "float32" else fp32
-    return measure_matmul_flops(rt.device, rt.ptdtype)
+                return Peak(half if rt.dtype != "float32" else fp32, f"datasheet, {key}")
+    key = _machine_key(rt)
+    path = peak_cache_path()
+    cached = _read_json(path).get(key)
+    if isinstance(cached, (int, float)) and cached > 0 and not remeasure:
+        return Peak(float(cached), f"measured earlier on this machine, {path}")
+    flops, others = measure_matmul_flops(rt.device, rt.ptdtype)
+    if others > BUSY_LIMIT:
+        return Peak(None, f"unknown: other processes used {others:.0%} of the CPUs while measuring; "
+                    "set peak_flops, or run again when the machine is idle")  # fmt: skip
+    _write_json(path, {**_read_json(path), key: flops})
+    return Peak(flops, f"measured now, kept in {path}")
 
 
-def measure_matmul_flops(device: str, dtype: torch.dtype, n: int = 1024, seconds: float = 0.3) -> float:
-    """Best FLOP/s of an n x n matmul over a short burst: the attainable peak for MFU on
-    devices without a datasheet entry."""
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    best, start = float("inf"), time.perf_counter()
-    for _ in range(1000):
+BUSY_LIMIT = 0.1  # the share of the machine's CPU time others may use during the probe
+
+
+def peak_cache_path() -> Path:
+    """Where measured peaks are kept: $GPTSMITH_CACHE_DIR, else the user's cache folder."""
+    root = (
+        os.environ.get("GPTSMITH_CACHE_DIR")
+        or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "gptsmith"
+    )
+    return Path(root) / "peak_flops.json"
+
+
+def _machine_key(rt: Runtime) -> str:
+    """What the measured peak depends on: the processor, the threads we use, dtype and torch."""
+    if rt.device_type == "cuda":
+        device = torch.cuda.get_device_name(rt.device)
+    else:
+        device = f"{_cpu_model()} x{os.cpu_count()}, {torch.get_num_threads()} threads"
+    return f"{rt.device_type}: {device}, {rt.dtype}, torch {torch.__version__}"
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    """Best effort: a read-only home only means measuring again next time."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+        os.replace(tmp, path)
+    except OSError:
+        pass
+
+
+def _cpu_ticks() -> tuple[int, int] | None:
+    """(busy ticks of the whole machine, ticks this process used), from /proc; None elsewhere."""
+    try:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        own = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, ValueError, IndexError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return sum(fields[:8]) - idle, int(own[11]) + int(own[12])  # utime + stime
+
+
+def measure_matmul_flops(device: str, dtype: torch.dtype, n: int = 1024, seconds: float = 1.0) -> tuple[float, float]:
+    """(best FLOP/s of an n x n matmul over a short burst, the share of the CPUs other processes
+    used meanwhile). Its random inputs come from a private generator: measuring must not move
+    the random streams that dropout draws from."""
+    g = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(n, n, device=device, dtype=dtype, generator=g)
+    b = torch.randn(n, n, device=device, dtype=dtype, generator=g)
+    (a @ b).sum().item()  # warm up: thread pools, kernels
+    before, t_start = _cpu_ticks(), time.perf_counter()
+    best = float("inf")
+    while time.perf_counter() - t_start < seconds:
         t0 = time.perf_counter()
         (a @ b).sum().item()  # .item() waits for asynchronous devices
         best = min(best, time.perf_counter() - t0)
-        if time.perf_counter() - start > seconds:
-            break
-    return 2 * n**3 / best
+    after, wall = _cpu_ticks(), time.perf_counter() - t_start
+    others = 0.0
+    if before is not None and after is not None and device == "cpu":
+        capacity = wall * os.sysconf("SC_CLK_TCK") * (os.cpu_count() or 1)
+        others = max(0.0, (after[0] - before[0]) - (after[1] - before[1])) / capacity
+    return 2 * n**3 / best, others

@@ -34,6 +34,11 @@ class SampleConfig:
     )
     out_dir: str = opt("out", "training output folder holding the checkpoint")
     ckpt: str = opt("ckpt.pt", "checkpoint file inside out_dir (ckpt.pt = latest saved, best.pt = best val loss)")
+    dataset: str = opt(
+        "",
+        "only for checkpoints that do not record their vocabulary (nanoGPT's): the dataset (name under data/ or "
+        "folder) whose meta.pkl decodes them; '' = the dataset they were trained on",
+    )
     start: str = opt("\n", "prompt text, or FILE:path to read it from a file")
     num_samples: int = opt(10, "number of samples to draw")
     batch_size: int = opt(
@@ -46,6 +51,11 @@ class SampleConfig:
     device: str = opt("auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
     dtype: str = opt("auto", "auto, float32, bfloat16, float16")
     compile: bool = opt(False, "torch.compile the forward pass (pays off only for long generations)")
+    window: str = opt(
+        "restart",
+        "past block_size tokens: 'restart' from the newest block_size/2 with the KV cache (fast), or 'slide' by one "
+        "token, recomputing the newest block_size each time (nanoGPT's: its exact tokens, slower)",
+    )
 
     def __post_init__(self) -> None:
         ckpt_io.check_init_from(self.init_from, ("resume",))
@@ -56,6 +66,8 @@ class SampleConfig:
             raise UserError(f"temperature must not be negative, got {self.temperature}")
         if self.top_k < 0:
             raise UserError(f"top_k must not be negative, got {self.top_k}")
+        if self.window not in ("restart", "slide"):
+            raise UserError(f"window must be 'restart' or 'slide', got {self.window!r}")
 
 
 def read_prompt(start: str) -> str:
@@ -83,7 +95,7 @@ def load_model(cfg: SampleConfig) -> tuple[GPT, dict[str, Any] | None]:
     path = Path(cfg.out_dir) / cfg.ckpt
     state = ckpt_io.load_checkpoint(path)
     model = ckpt_io.model_from_checkpoint(state, path)
-    return model, state.get("meta") or ds.load_meta(ds.dataset_dir(state["config"].get("dataset", "")))
+    return model, ckpt_io.checkpoint_vocab(state, path, cfg.dataset)
 
 
 def sample(cfg: SampleConfig) -> list[str]:
@@ -109,7 +121,7 @@ def sample(cfg: SampleConfig) -> list[str]:
                 bar = tqdm(total=cfg.max_new_tokens, desc=f"samples {first + 1}-{first + n}/{cfg.num_samples}",
                            unit="tok", leave=False, disable=not show_progress())  # fmt: skip
                 y = model.generate(prompt.expand(n, -1), cfg.max_new_tokens, temperature=cfg.temperature,
-                                   top_k=cfg.top_k or None, on_token=bar.update)  # fmt: skip  # (n, T + new)
+                                   top_k=cfg.top_k or None, on_token=bar.update, window=cfg.window)  # fmt: skip
                 bar.close()
                 for row in y.tolist():
                     samples.append(decode(row))

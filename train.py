@@ -30,7 +30,7 @@ import optim
 import parallel
 from configurator import UserError, cli_errors, opt, read_overrides, show_progress
 from model import GPT, MODEL_OPTIONS, GPTConfig
-from runtime import Runtime, peak_flops, setup_runtime, teardown
+from runtime import Peak, Runtime, peak_flops, setup_runtime, teardown
 
 # The keys that fix the architecture a checkpoint records (a checkpoint older than MODEL_OPTIONS means their defaults).
 ARCH_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias", *MODEL_OPTIONS, "vocab_size")
@@ -53,21 +53,27 @@ class TrainConfig:
     always_save_checkpoint: bool = opt(True, "write ckpt.pt at every eval, not only when val loss improves")
     init_from: str = opt(
         "scratch",
-        "'scratch', 'resume' (from out_dir/ckpt.pt), or pretrained GPT-2: gpt2, gpt2-medium, gpt2-large, gpt2-xl "
+        "'scratch', 'resume' (from out_dir/ckpt.pt), 'auto' (resume if out_dir holds a checkpoint, else scratch: "
+        "for restarts by torchrun --max-restarts or a job scheduler), or pretrained GPT-2: gpt2, gpt2-medium, gpt2-large, gpt2-xl "
         "(Hugging Face hub) or the path of a local Hugging Face model folder, or another run's checkpoint (a ckpt.pt "
         "path or its out_dir) to start a new run from its weights",
     )
     # wandb
     wandb_log: bool = opt(False, "log metrics to Weights & Biases")
-    wandb_project: str = opt("gptsmith", "wandb project")
-    wandb_run_name: str = opt("run", "wandb run name")
+    wandb_project: str = opt("owt", "wandb project")
+    wandb_run_name: str = opt("gpt2", "wandb run name")
     plot: bool = opt(True, "redraw out_dir/loss.png from metrics.jsonl at every eval (python plot.py does it by hand)")
     eval_sample_tokens: int = opt(0, "at every eval, generate this many tokens, print them and log them to wandb")
     # data
-    dataset: str = opt("shakespeare_char", "data/<dataset>/ with train.bin, val.bin (and meta.pkl), or a folder path")
-    gradient_accumulation_steps: int = opt(1, "micro-steps per optimizer step, summed over all processes")
+    dataset: str = opt(
+        "openwebtext",
+        "data/<dataset>/ (under the current directory) with train.bin, val.bin (and meta.pkl), or a folder",
+    )
+    gradient_accumulation_steps: int = opt(5 * 8, "micro-steps per optimizer step, summed over all processes")
     total_batch_size: int = opt(
-        0, "tokens per optimizer step; sets gradient_accumulation_steps to it / (batch_size * block_size); 0 = unused"
+        0,
+        "tokens per optimizer step; sets gradient_accumulation_steps to it / (batch_size * block_size), whatever "
+        "that was set to; 0 = unused",
     )
     batch_size: int = opt(12, "sequences per micro-step per process")
     block_size: int = opt(1024, "context length in tokens")
@@ -158,7 +164,7 @@ class TrainConfig:
                 raise UserError(f"{key} must be in [0, 1), got {getattr(self, key)}")
         if self.n_embd % self.n_head:
             raise UserError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
-        ckpt_io.check_init_from(self.init_from, ("scratch", "resume"))
+        ckpt_io.check_init_from(self.init_from, ("scratch", "resume", "auto"))
         if self.sampler not in ("random", "epoch"):
             raise UserError(f"sampler must be 'random' or 'epoch', got {self.sampler!r}")
         if self.backend not in ("auto", "nccl", "gloo"):
@@ -191,11 +197,12 @@ class TrainConfig:
 
 
 class Interrupted(Exception):
-    """Training stopped by SIGINT/SIGTERM after saving a checkpoint; exit code 128 + signal."""
+    """Training stopped by SIGINT/SIGTERM, after saving a checkpoint when there was progress to
+    keep (saved_at: its step, else None); exit code 128 + signal."""
 
-    def __init__(self, signum: int) -> None:
+    def __init__(self, signum: int, saved_at: int | None) -> None:
         super().__init__(f"stopped by {signal.Signals(signum).name}")
-        self.signum = signum
+        self.signum, self.saved_at = signum, saved_at
 
 
 def get_lr(it: int, cfg: TrainConfig) -> float:
@@ -221,11 +228,12 @@ def get_lr(it: int, cfg: TrainConfig) -> float:
 
 @torch.no_grad()
 def estimate_loss(model: torch.nn.Module, splits: dict[str, np.ndarray], offsets: dict[str, np.ndarray],
-                  rt: Runtime, block_size: int) -> dict[str, float]:  # fmt: skip
+                  rt: Runtime, block_size: int, caught: list[int] | None = None) -> dict[str, float] | None:  # fmt: skip
     """Mean loss per split over its fixed eval batches; batches are shared out over ranks.
 
     Every rank runs the same number of forward passes (under FSDP each one is collective):
     where the batches do not divide evenly, ranks short of one repeat a batch with weight 0.
+    A signal (caught non-empty on any rank) abandons the evaluation within one batch: None.
     """
     model.eval()
     out = {}
@@ -235,6 +243,9 @@ def estimate_loss(model: torch.nn.Module, splits: dict[str, np.ndarray], offsets
         rounds = -(-n_batches // rt.world_size)
         long_eval = rounds >= 500 and rt.master and show_progress()  # e.g. eval_iters=0 on a big split
         for r in tqdm(range(rounds), desc=f"eval {split}", unit="batch", leave=False, disable=not long_eval):
+            if caught is not None and _any_rank(bool(caught), rt):
+                model.train()
+                return None
             i = r * rt.world_size + rt.rank
             x, y = ds.get_batch(data, offsets[split][min(i, n_batches - 1)], block_size, rt.device)
             with rt.autocast():
@@ -319,7 +330,7 @@ def _resume_state(cfg: TrainConfig, explicit: set[str], out_dir: Path) -> tuple[
     seed) win unless set explicitly, and an explicit architecture key that disagrees is an error."""
     sharded = cfg.parallel == "fsdp"
     path, other = checkpoint_path(out_dir, "ckpt.pt", sharded), checkpoint_path(out_dir, "ckpt.pt", not sharded)
-    if not (ckpt_io.is_sharded(path) if sharded else path.exists()):
+    if not _has_checkpoint(out_dir, sharded):
         raise UserError(f"init_from=resume but there is no checkpoint at {path}; " + _other_format_hint(other, cfg))
     state = ckpt_io.load_train_state(path) if sharded else ckpt_io.load_checkpoint(path)
     if not sharded and "optimizer" not in state:
@@ -337,6 +348,11 @@ def _resume_state(cfg: TrainConfig, explicit: set[str], out_dir: Path) -> tuple[
     return dataclasses.replace(cfg, **changes), state
 
 
+def _has_checkpoint(out_dir: Path, sharded: bool) -> bool:
+    path = checkpoint_path(out_dir, "ckpt.pt", sharded)
+    return ckpt_io.is_sharded(path) if sharded else path.is_file()
+
+
 def _other_format_hint(other: Path, cfg: TrainConfig) -> str:
     """What to do when out_dir holds a checkpoint of the other kind (single file vs sharded folder)."""
     if cfg.parallel == "fsdp" and other.is_file():
@@ -351,18 +367,11 @@ def _other_format_hint(other: Path, cfg: TrainConfig) -> str:
 
 def accumulation_steps(cfg: TrainConfig, world_size: int) -> int:
     """Micro-steps per optimizer step over all processes: gradient_accumulation_steps, or derived
-    from total_batch_size. gradient_accumulation_steps=1, the default, counts as unset there
-    (config/shakespeare_char.py sets it); any other value must agree with total_batch_size."""
+    from total_batch_size when that is set (it wins: a config file's gradient_accumulation_steps,
+    e.g. config/train_gpt2.py's 40, then needs no override)."""
     steps, micro_tokens = cfg.gradient_accumulation_steps, cfg.batch_size * cfg.block_size
     if cfg.total_batch_size:
-        derived = cfg.total_batch_size // micro_tokens  # a multiple, checked in TrainConfig
-        if steps not in (1, derived):
-            raise UserError(
-                f"total_batch_size={cfg.total_batch_size} means gradient_accumulation_steps={derived} "
-                f"({cfg.total_batch_size} / ({cfg.batch_size} * {cfg.block_size})), but gradient_accumulation_steps="
-                f"{steps} is set too; set only one of them (gradient_accumulation_steps=1 leaves it to total_batch_size)"
-            )
-        steps = derived
+        steps = cfg.total_batch_size // micro_tokens  # a multiple, checked in TrainConfig
     if steps % world_size == 0:
         return steps
     if cfg.total_batch_size:
@@ -436,6 +445,12 @@ def _train(cfg: TrainConfig, explicit: set[str], rt: Runtime) -> dict[str, Any]:
     if sharded:
         _recover_sharded(out_dir, rt)
     state, pretrained = None, None
+    if cfg.init_from == "auto":
+        found = _has_checkpoint(out_dir, sharded)
+        if rt.master:
+            print(f"init_from=auto: {'resuming from' if found else 'no checkpoint at'} "
+                  f"{checkpoint_path(out_dir, 'ckpt.pt', sharded)}{'' if found else ', starting from scratch'}")  # fmt: skip
+        cfg = dataclasses.replace(cfg, init_from="resume" if found else "scratch")
     if cfg.init_from == "resume":
         cfg, state = _resume_state(cfg, explicit, out_dir)
     elif cfg.init_from != "scratch":
@@ -518,12 +533,19 @@ def _train(cfg: TrainConfig, explicit: set[str], rt: Runtime) -> dict[str, Any]:
     iter_num, best_val_loss, best_iter = 0, float("inf"), None
     if state is not None:
         if sharded:
-            ckpt_io.load_sharded(resume_path, model, optimizer)
+            changed = optim.load_moments(optimizer, lambda: ckpt_io.load_sharded(resume_path, model, optimizer))
         else:
-            optimizer.load_state_dict(state["optimizer"])
+            changed = optim.load_moments(
+                optimizer, lambda: ckpt_io.load_optimizer(optimizer, state["optimizer"], resume_path)
+            )
+        if changed and rt.master:
+            print(f"note: optimizer settings differ from the checkpoint's; this run's apply: {', '.join(changed)}")
         if "scaler" in state:
             scaler.load_state_dict(state["scaler"])
-        iter_num, best_val_loss = state["iter_num"], state.get("best_val_loss", float("inf"))
+        iter_num, best_val_loss = (
+            state["iter_num"],
+            float(state.get("best_val_loss", float("inf"))),
+        )  # nanoGPT: a tensor
         best_iter = state.get("best_iter")
         if "rng" in state:
             rngs = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]
@@ -540,14 +562,16 @@ def _train(cfg: TrainConfig, explicit: set[str], rt: Runtime) -> dict[str, Any]:
         model = parallel.wrap_ddp(model, rt)
 
     tokens_per_step = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
-    peak = peak_flops(rt, cfg.peak_flops)
-    log = MetricsLog(out_dir, rt.master, cfg)
+    peak = Peak(None, "only rank 0 reports MFU")
+    if rt.master:
+        with ckpt_io.isolated_rng():
+            peak = peak_flops(rt, cfg.peak_flops)
+    with ckpt_io.isolated_rng():  # wandb.init must not move the training RNG streams either
+        log = MetricsLog(out_dir, rt.master, cfg)
     if rt.master:
         _banner(cfg, raw_model, rt, tokens_per_step, micro_per_rank, splits)
-        print(
-            f"peak: {peak / 1e12:.3g} TFLOP/s ({'configured' if cfg.peak_flops else 'datasheet or measured'}), "
-            f"{raw_model.flops_per_token() / 1e6:.3g} MFLOP per token"
-        )
+        shown = f"{peak.flops / 1e12:.3g} TFLOP/s" if peak.flops else "unknown, so no MFU"
+        print(f"peak: {shown} ({peak.source}); {raw_model.flops_per_token() / 1e6:.3g} MFLOP per token")
 
     def save(name: str, evaluated: bool) -> None:
         """Collective: every rank hands over its RNG state; rank 0 writes the file, or under
@@ -563,7 +587,7 @@ def _train(cfg: TrainConfig, explicit: set[str], rt: Runtime) -> dict[str, Any]:
             "best_val_loss": best_val_loss,
             "best_iter": best_iter,
             "config": dataclasses.asdict(cfg),
-            "meta": meta,  # the vocabulary, so sample.py decodes without the dataset folder
+            **ckpt_io.tokenizer_record(meta),  # the vocabulary, so sample.py decodes without the dataset folder
             "rng": rngs,
             "evaluated": evaluated,  # whether the eval at iter_num is done (resume skips it then)
         }
@@ -576,12 +600,26 @@ def _train(cfg: TrainConfig, explicit: set[str], rt: Runtime) -> dict[str, Any]:
 
     caught, previous = _signal_catcher()
     t_start = time.time()
-    t_last = time.perf_counter()
+    t_last, iter_last = time.perf_counter(), iter_num  # the log line's speed: steps since then
     last: dict[str, Any] = {}
     tokens_seen = iter_num * tokens_per_step
     first_iter = iter_num
     losses: dict[str, float] = {}
     eval_time = 0.0
+
+    def stop(signum: int) -> None:
+        """Save the state of this step as the resume point (collective), unless nothing was trained yet."""
+        saved_at = None
+        if iter_num > 0 and not cfg.eval_only:
+            save("ckpt.pt", evaluated=False)
+            saved_at = iter_num
+            if rt.master:
+                saved = checkpoint_path(out_dir, "ckpt.pt", sharded)
+                print(f"caught {signal.Signals(signum).name}: saved {saved} at step {iter_num}")
+        if rt.distributed:
+            torch.distributed.barrier()
+        raise Interrupted(signum, saved_at)
+
     try:
         while True:
             lr = get_lr(iter_num, cfg)
@@ -592,7 +630,12 @@ def _train(cfg: TrainConfig, explicit: set[str], rt: Runtime) -> dict[str, Any]:
             due = iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters or cfg.eval_only
             if due and not resumed_here and not skip_start:
                 t_eval = time.perf_counter()
-                losses = estimate_loss(model, eval_splits, eval_offsets, rt, cfg.block_size)
+                evaluated = estimate_loss(model, eval_splits, eval_offsets, rt, cfg.block_size, caught)
+                if evaluated is None:  # a signal: a cluster's grace period is shorter than a long evaluation
+                    if rt.master:
+                        print(f"caught a signal during the evaluation at step {iter_num}: abandoned it")
+                    stop(caught[0] if caught else signal.SIGTERM)  # this rank may not have got the signal itself
+                losses = evaluated
                 improved = losses["val"] < best_val_loss
                 if improved:
                     best_val_loss, best_iter = losses["val"], iter_num
@@ -602,12 +645,14 @@ def _train(cfg: TrainConfig, explicit: set[str], rt: Runtime) -> dict[str, Any]:
                                "tokens_seen": tokens_seen, "elapsed_s": round(time.time() - t_start, 3)})  # fmt: skip
                 # Under FSDP every forward pass is collective, so every rank generates the (same) sample.
                 if cfg.eval_sample_tokens and (rt.master or sharded):
-                    text = eval_sample(raw_model, meta, cfg.eval_sample_tokens, rt)
+                    with ckpt_io.isolated_rng():
+                        text = eval_sample(raw_model, meta, cfg.eval_sample_tokens, rt)
                     if rt.master:
                         print(f"sample at step {iter_num}:\n{text}\n---------------")
                         log.write_text(iter_num, text)
                 if cfg.plot and log.enabled:
-                    refresh_plot(out_dir)
+                    with ckpt_io.isolated_rng():
+                        refresh_plot(out_dir)
                 if iter_num > 0 and not cfg.eval_only:
                     if cfg.always_save_checkpoint or improved:
                         save("ckpt.pt", evaluated=True)
@@ -616,7 +661,7 @@ def _train(cfg: TrainConfig, explicit: set[str], rt: Runtime) -> dict[str, Any]:
                 if rt.distributed:
                     torch.distributed.barrier()  # no rank races past a checkpoint being written
                 eval_time += time.perf_counter() - t_eval
-                t_last = time.perf_counter()  # evaluation time is not training time
+                t_last, iter_last = time.perf_counter(), iter_num  # evaluation time is not training time
             if iter_num >= cfg.max_iters or cfg.eval_only:
                 break
 
@@ -634,7 +679,8 @@ def _train(cfg: TrainConfig, explicit: set[str], rt: Runtime) -> dict[str, Any]:
             scaler.unscale_(optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip or float("inf"))
             grad_norm = parallel.full_value(grad_norm)  # under FSDP a DTensor: the norm over all shards
-            stop = _stop_requested(loss_sum, caught, rt)  # also averages loss_sum over ranks
+            stop_asked = _stop_requested(loss_sum, caught, rt)  # also averages loss_sum over ranks
+            # With float16 the GradScaler owns non-finite gradients: its step() skips them and lowers the scale.
             finite = math.isfinite(loss_sum.item()) and (scaler.is_enabled() or math.isfinite(grad_norm.item()))
             if not finite and not cfg.skip_nonfinite:
                 raise UserError(
@@ -644,33 +690,30 @@ def _train(cfg: TrainConfig, explicit: set[str], rt: Runtime) -> dict[str, Any]:
             if finite:
                 scaler.step(optimizer)
                 scaler.update()
-            elif rt.master:
-                print(f"step {iter_num}: skipped (non-finite loss or gradient)")
+            else:
+                if scaler.is_enabled():
+                    scaler.update()  # lowers the scale, and closes this step's unscale_ so the next may call it
+                if rt.master:
+                    print(f"step {iter_num}: skipped (non-finite loss or gradient)")
             optimizer.zero_grad(set_to_none=True)
             iter_num += 1
             tokens_seen += tokens_per_step
 
             if iter_num % cfg.log_interval == 0 and rt.master:
                 now = time.perf_counter()
-                dt = (now - t_last) / cfg.log_interval
-                t_last = now
+                dt = (now - t_last) / (iter_num - iter_last)  # after an eval or a resume, fewer than log_interval
+                t_last, iter_last = now, iter_num
                 tps = tokens_per_step / dt
-                mfu = raw_model.estimate_mfu(tps / rt.world_size, peak)
+                mfu = peak.mfu(raw_model.flops_per_token() * tps / rt.world_size)
                 step_loss = loss_sum.item()
                 eta = (cfg.max_iters - iter_num) * dt
+                shown = f"{mfu * 100:.2f}%" if mfu is not None else "n/a"
                 print(f"iter {iter_num}: loss {step_loss:.4f}, lr {lr:.2e}, time {dt * 1000:.2f}ms, "
-                      f"{tps:,.0f} tok/s, mfu {mfu * 100:.2f}%, eta {_duration(eta)}")  # fmt: skip
+                      f"{tps:,.0f} tok/s, mfu {shown}, eta {_duration(eta)}")  # fmt: skip
                 last = {"iter": iter_num, "loss": step_loss, "lr": lr, "tokens_per_sec": tps, "mfu": mfu}
                 log.write(last)
-            if stop or (caught and not rt.distributed):
-                save("ckpt.pt", evaluated=False)
-                signum = caught[0] if caught else signal.SIGTERM  # this rank may not have got the signal itself
-                saved = checkpoint_path(out_dir, "ckpt.pt", sharded)
-                if rt.master:
-                    print(f"caught {signal.Signals(signum).name}: saved {saved} at step {iter_num}")
-                if rt.distributed:
-                    torch.distributed.barrier()
-                raise Interrupted(signum)
+            if stop_asked:
+                stop(caught[0] if caught else signal.SIGTERM)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
@@ -690,13 +733,22 @@ def _train(cfg: TrainConfig, explicit: set[str], rt: Runtime) -> dict[str, Any]:
         "elapsed_s": elapsed,
         "eval_s": eval_time,
         "tokens_per_sec": tps,  # mean over the training time, evaluations left out
-        "mfu": raw_model.estimate_mfu(tps / rt.world_size, peak) if steps else None,
+        "mfu": peak.mfu(raw_model.flops_per_token() * tps / rt.world_size) if steps else None,
         "loss": last.get("loss"),
         "checkpoint": str(checkpoint_path(out_dir, "ckpt.pt", sharded)),
     }
     if rt.master and not cfg.eval_only:
         _print_summary(summary, steps, cfg)
     return summary
+
+
+def _any_rank(flag: bool, rt: Runtime) -> bool:
+    """Whether flag is set on any rank (collective when distributed: every rank must call it)."""
+    if not rt.distributed:
+        return flag
+    t = torch.tensor([float(flag)], device=rt.device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return t.item() > 0
 
 
 def _stop_requested(loss_sum: torch.Tensor, caught: list[int], rt: Runtime) -> bool:
@@ -735,7 +787,11 @@ def _pretrained_vocab(model: GPT, meta: dict[str, Any] | None, cfg: TrainConfig)
 
 def _print_summary(s: dict[str, Any], steps: int, cfg: TrainConfig) -> None:
     best = f"{s['best_val_loss']:.4f} at step {s['best_iter']}" if s["best_iter"] is not None else "none"
-    mfu = f", MFU {s['mfu'] * 100:.1f}%" if s["mfu"] is not None else ""
+    mfu = (
+        f", MFU {s['mfu'] * 100:.1f}%"
+        if s["mfu"] is not None
+        else (", MFU unknown (see 'peak:' above)" if steps else "")
+    )
     print(f"done: {steps} steps in {_duration(s['elapsed_s'])} ({_duration(s['eval_s'])} of it evaluating)")
     last = [f"{split} {s[split + '_loss']:.4f}" for split in ("train", "val") if s[split + "_loss"] is not None]
     print(f"  best val loss {best}" + (f"; last: {', '.join(last)}" if last else ""))
@@ -804,7 +860,8 @@ def main(argv: list[str] | None = None) -> None:
         try:
             train(cfg, set(explicit))
         except Interrupted as e:
-            print(f"{e}; resume with --init_from=resume", file=sys.stderr)
+            hint = "resume with --init_from=resume" if e.saved_at is not None else "nothing was trained, nothing saved"
+            print(f"{e}; {hint}", file=sys.stderr)
             sys.exit(128 + e.signum)
 
 

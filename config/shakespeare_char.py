@@ -7,7 +7,7 @@ out_dir = "out-shakespeare-char"
 eval_interval = 250  # it overfits quickly, so check often
 eval_iters = 200
 log_interval = 10
-always_save_checkpoint = False  # keep ckpt.pt at the best val loss
+always_save_checkpoint = False  # ckpt.pt only when val loss improves (and on Ctrl-C/SIGTERM, to resume from)
 
 wandb_log = False
 wandb_project = "shakespeare-char"

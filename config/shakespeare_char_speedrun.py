@@ -19,6 +19,7 @@ compile = False  # on a CPU, compiling takes longer than this whole run and the 
 device = "cpu"
 
 dataset = "shakespeare_char"
+gradient_accumulation_steps = 1
 batch_size = 16
 block_size = 64
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import pickle
 import subprocess
 import sys
@@ -12,8 +13,8 @@ import pytest
 import torch
 
 from configurator import UserError
-from conftest import ROOT, load_script
 from dataset import BatchSampler, eval_offsets, get_batch, get_tokenizer
+from helpers import ROOT, load_script
 
 
 def test_random_sampler_is_a_function_of_seed_and_step():
@@ -81,7 +82,7 @@ def test_char_tokenizer_round_trip_and_unknown_characters():
         encode("azbx")
 
 
-def test_gpt2_tokenizer_round_trip():
+def test_gpt2_tokenizer_round_trip(gpt2_bpe):
     encode, decode = get_tokenizer(None)
     ids = encode("Hello world<|endoftext|>")
     assert ids[-1] == 50256 and decode(ids) == "Hello world<|endoftext|>"
@@ -90,8 +91,8 @@ def test_gpt2_tokenizer_round_trip():
 # --- data/shakespeare_char/prepare.py --------------------------------------------------------
 
 
-def test_prepare_writes_splits_and_meta(char_data, shakespeare_path):
-    text = shakespeare_path.read_text()
+def test_prepare_writes_splits_and_meta(char_data, play_path):
+    text = play_path.read_text()
     meta = pickle.loads((char_data / "meta.pkl").read_bytes())
     train = np.fromfile(char_data / "train.bin", dtype=np.uint16)
     val = np.fromfile(char_data / "val.bin", dtype=np.uint16)
@@ -99,6 +100,14 @@ def test_prepare_writes_splits_and_meta(char_data, shakespeare_path):
     assert meta["vocab_size"] == len(set(text)) == 65
     assert "".join(meta["itos"][i] for i in val[:200]) == text[len(train) : len(train) + 200]
     assert not list(char_data.glob(".*tmp"))
+
+
+def test_prepare_real_shakespeare_as_the_readme_says(shakespeare_path, tmp_path, capsys):
+    load_script("data/shakespeare_char/prepare.py").main([f"--input={shakespeare_path}", f"--out_dir={tmp_path}"])
+    out = capsys.readouterr().out
+    assert "1,115,394 characters, vocabulary of 65" in out
+    assert (tmp_path / "train.bin").stat().st_size == 2 * 1_003_854
+    assert (tmp_path / "val.bin").stat().st_size == 2 * 111_540
 
 
 @pytest.mark.parametrize(
@@ -152,3 +161,21 @@ def test_prepare_offline_without_a_copy_says_to_pass_input(tmp_path, monkeypatch
     assert exit_info.value.code == 2
     assert "pass --input=PATH" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_tests_needing_shared_files_skip_without_them_except_under_ci(tmp_path):
+    """A fresh clone without ../shared: the real-Shakespeare tests skip and say why; under .ci/run
+    (GPTSMITH_REQUIRE_SHARED=1) the same skip is a failure, so CI runs every test."""
+    target = "tests/test_dataset.py::test_prepare_real_shakespeare_as_the_readme_says"
+    env = {k: v for k, v in os.environ.items() if k != "GPTSMITH_REQUIRE_SHARED"}
+    env["GPTSMITH_SHAKESPEARE"] = str(tmp_path / "nowhere.txt")
+
+    def run(**extra) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", target],
+                              cwd=ROOT, env={**env, **extra}, capture_output=True, text=True)  # fmt: skip
+
+    skipped = run()
+    assert skipped.returncode == 0 and "1 skipped" in skipped.stdout and "tiny Shakespeare not found" in skipped.stdout
+    required = run(GPTSMITH_REQUIRE_SHARED="1")
+    assert required.returncode == 1 and "1 error" in required.stdout and "GPTSMITH_REQUIRE_SHARED" in required.stdout

@@ -18,8 +18,8 @@ import torch
 
 import checkpoint as ckpt_io
 from configurator import UserError
-from conftest import ROOT
 from export_hf import ExportConfig, export
+from helpers import ROOT
 from model import GPT, GPTConfig
 from sample import SampleConfig, sample
 from train import TrainConfig, train
@@ -41,11 +41,11 @@ def hf_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def bpe_data(tmp_path_factory: pytest.TempPathFactory, shakespeare_path: Path) -> Path:
-    """GPT-2 BPE tokens of the first 100k characters of tiny Shakespeare: train.bin, val.bin, no meta.pkl."""
+def bpe_data(tmp_path_factory: pytest.TempPathFactory, play_path: Path, gpt2_bpe) -> Path:
+    """GPT-2 BPE tokens of the first 100k characters of the made-up play: train.bin, val.bin, no meta.pkl."""
     import tiktoken
 
-    text = shakespeare_path.read_text(encoding="utf-8")[:100_000]
+    text = play_path.read_text(encoding="utf-8")[:100_000]
     cut = int(len(text) * 0.9)
     enc = tiktoken.get_encoding("gpt2")
     out = tmp_path_factory.mktemp("shakespeare-bpe")
@@ -70,7 +70,7 @@ def finetune_cfg(hf: Path, data: Path, out: Path, **overrides) -> tuple[TrainCon
     """A TrainConfig from pretrained weights, and the keys it sets explicitly (as a config file would)."""
     settings = dict(init_from=str(hf), dataset=str(data), out_dir=str(out), block_size=32, batch_size=4,
                     max_iters=3, eval_interval=3, eval_iters=2, log_interval=1, learning_rate=3e-5, decay_lr=False,
-                    device="cpu", compile=False, peak_flops=1e11)  # fmt: skip
+                    device="cpu", compile=False, gradient_accumulation_steps=1)  # fmt: skip
     settings.update(overrides)
     return TrainConfig(**settings), set(settings)
 

@@ -12,12 +12,12 @@ import pytest
 
 import configurator
 from configurator import UserError
-from conftest import ROOT
+from helpers import ROOT
 from train import train
 
 
 def test_run_summary_names_everything_needed_next(tiny_cfg, capsys):
-    cfg = tiny_cfg(max_iters=10, eval_interval=5)
+    cfg = tiny_cfg(max_iters=10, eval_interval=5, peak_flops=1e11)  # a known peak, so MFU is shown
     summary = train(cfg)
     out = capsys.readouterr().out
     summary_lines = out[out.index("done: 10 steps") :]

@@ -12,7 +12,7 @@ import pytest
 
 import dataset as ds
 import prepare_utils
-from conftest import load_script
+from helpers import load_script
 
 DOCS = [
     "The first document.\nIt has two lines, and some unicode: café, 日本語, 🙂.",
@@ -25,12 +25,13 @@ DOCS = [
 
 
 @pytest.fixture(scope="module")
-def enc():
+def enc(gpt2_bpe):
     return ds.gpt2_encoding()
 
 
 @pytest.fixture(scope="module")
-def owt():
+def owt(gpt2_bpe):
+    """data/openwebtext/prepare.py, which loads GPT-2's tokenizer before anything else."""
     return load_script("data/openwebtext/prepare.py")
 
 
@@ -237,7 +238,7 @@ def test_shakespeare_gpt2_matches_tiktoken(shakespeare_gpt2, shakespeare_path, e
     ds.open_split(shakespeare_gpt2, "val", "shakespeare", ds.GPT2_VOCAB_SIZE)
 
 
-def test_shakespeare_without_tokenizer_files_is_one_line(shakespeare_path, tmp_path, capsys, monkeypatch):
+def test_shakespeare_without_tokenizer_files_is_one_line(play_path, tmp_path, capsys, monkeypatch):
     import tiktoken
 
     def offline(name):
@@ -245,7 +246,7 @@ def test_shakespeare_without_tokenizer_files_is_one_line(shakespeare_path, tmp_p
 
     monkeypatch.setattr(tiktoken, "get_encoding", offline)
     with pytest.raises(SystemExit) as exit_info:
-        load_script("data/shakespeare/prepare.py").main([f"--input={shakespeare_path}", f"--out_dir={tmp_path}"])
+        load_script("data/shakespeare/prepare.py").main([f"--input={play_path}", f"--out_dir={tmp_path}"])
     assert exit_info.value.code == 2
     assert_one_error_line(capsys, "TIKTOKEN_CACHE_DIR")
     assert_no_output(tmp_path)

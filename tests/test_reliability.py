@@ -18,7 +18,7 @@ import torch
 import checkpoint as ckpt_io
 import model as model_module
 from configurator import UserError
-from conftest import ROOT
+from helpers import ROOT, nan_after
 from train import train
 
 
@@ -129,21 +129,6 @@ def test_atomic_save_keeps_old_file_when_writing_fails(tmp_path, monkeypatch):
 
 
 # --- non-finite loss -------------------------------------------------------------------------
-
-
-def nan_after(monkeypatch, calls: int) -> None:
-    """Make the training loss NaN after `calls` training forward passes."""
-    real = model_module.masked_cross_entropy
-    count = {"n": 0}
-
-    def poisoned(logits, targets):
-        loss = real(logits, targets)
-        if not torch.is_grad_enabled():  # evaluation
-            return loss
-        count["n"] += 1
-        return loss * float("nan") if count["n"] > calls else loss
-
-    monkeypatch.setattr(model_module, "masked_cross_entropy", poisoned)
 
 
 def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tiny_cfg, monkeypatch):
@@ -272,3 +257,108 @@ def test_sample_bad_input_is_refused_untouched(trained, overrides, message):
     with pytest.raises(UserError, match=message):
         sample(SampleConfig(out_dir=trained.out_dir, device="cpu", num_samples=1, max_new_tokens=5, **overrides))
     assert snapshot(Path(trained.out_dir)) == before
+
+
+# --- float16: the GradScaler path ------------------------------------------------------------
+
+
+class InfGradient(torch.autograd.Function):
+    """Identity forward; backward turns the gradient infinite: a finite loss with a non-finite gradient."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("inf")
+
+
+def inf_gradient_at(monkeypatch, steps: set[int]) -> None:
+    """Make the gradient (not the loss) infinite at these training forward passes (0-based)."""
+    real = model_module.masked_cross_entropy
+    count = {"n": -1}
+
+    def poisoned(logits, targets):
+        if torch.is_grad_enabled():
+            count["n"] += 1
+            if count["n"] in steps:
+                logits = InfGradient.apply(logits)
+        return real(logits, targets)
+
+    monkeypatch.setattr(model_module, "masked_cross_entropy", poisoned)
+
+
+def test_float16_skip_nonfinite_trains_on_past_nan_losses(tiny_cfg, monkeypatch, capsys):
+    cfg = tiny_cfg(dtype="float16", skip_nonfinite=True, max_iters=10, eval_interval=10)
+    nan_after(monkeypatch, 6)  # steps 6..9 have NaN losses: each is skipped, and the next step must still work
+    summary = train(cfg)
+    out = capsys.readouterr().out
+    assert summary["iter"] == 10 and all(f"step {i}: skipped" in out for i in range(6, 10))
+    state = ckpt_io.load_checkpoint(Path(cfg.out_dir) / "ckpt.pt")
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+    assert state["scaler"]["scale"] < 2.0**16  # each skipped step lowered the loss scale
+
+
+def test_float16_nonfinite_gradient_with_finite_loss_is_the_scalers_to_skip(tiny_cfg, monkeypatch):
+    """With float16 an overflowing gradient is normal: GradScaler skips the step and lowers the scale,
+    with or without skip_nonfinite; in float32 the same gradient stops training (or is skipped)."""
+    inf_gradient_at(monkeypatch, {3, 4})
+    cfg = tiny_cfg(dtype="float16", max_iters=8, eval_interval=8)
+    assert train(cfg)["iter"] == 8
+    state = ckpt_io.load_checkpoint(Path(cfg.out_dir) / "ckpt.pt")
+    assert state["scaler"]["scale"] == 2.0**14  # halved twice
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+
+    monkeypatch.undo()
+    inf_gradient_at(monkeypatch, {3})
+    with pytest.raises(UserError, match="non-finite loss or gradient at step 3"):
+        train(tiny_cfg(out_dir=cfg.out_dir + "-fp32", max_iters=8, eval_interval=8))
+    monkeypatch.undo()
+    inf_gradient_at(monkeypatch, {3})
+    assert (
+        train(tiny_cfg(out_dir=cfg.out_dir + "-skip", skip_nonfinite=True, max_iters=8, eval_interval=8))["iter"] == 8
+    )
+
+
+# --- a signal during a long evaluation -------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("always_save", [True, False])
+def test_signal_during_a_long_evaluation_stops_within_seconds(tiny_cfg, tmp_path, always_save):
+    """An evaluation of minutes (here 100,000 batches) is abandoned at once: the state of the step
+    is saved as the resume point (also with always_save_checkpoint=False) and resuming is exact."""
+    kw = dict(max_iters=20, lr_decay_iters=20, eval_interval=10, dropout=0.1, always_save_checkpoint=always_save)
+    straight = tiny_cfg(out_dir=str(tmp_path / "straight"), eval_iters=2, **kw)
+    train(straight)
+    cfg = tiny_cfg(out_dir=str(tmp_path / "stopped"), eval_iters=100_000, eval_at_start=False, **kw)
+    proc = start_training(cfg)
+    wait_for_line(proc, "iter 10:")  # the evaluation at step 10 starts now
+    time.sleep(1.0)
+    signalled = time.time()
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert time.time() - signalled < 10
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "abandoned it" in out and "resume with --init_from=resume" in err
+    state = ckpt_io.load_checkpoint(Path(cfg.out_dir) / "ckpt.pt")
+    assert state["iter_num"] == 10 and not state["evaluated"]
+    train(dataclasses.replace(cfg, init_from="resume", eval_iters=2), explicit={"init_from", "eval_iters"})
+    a = ckpt_io.load_checkpoint(Path(straight.out_dir) / "ckpt.pt")["model"]
+    b = ckpt_io.load_checkpoint(Path(cfg.out_dir) / "ckpt.pt")["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_signal_during_the_first_evaluation_saves_nothing(tiny_cfg, tmp_path):
+    cfg = tiny_cfg(eval_iters=100_000)
+    proc = start_training(cfg)
+    wait_for_line(proc, "peak:")  # the step-0 evaluation follows
+    time.sleep(1.0)
+    signalled = time.time()
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert time.time() - signalled < 10 and proc.returncode == 128 + signal.SIGINT
+    assert err.strip().endswith("nothing was trained, nothing saved") and err.count("\n") == 1, err
+    assert not (Path(cfg.out_dir) / "ckpt.pt").exists()

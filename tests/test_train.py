@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import subprocess
 import sys
+import time
+import types
 from pathlib import Path
 
 import numpy as np
@@ -14,17 +15,12 @@ import pytest
 import torch
 
 import checkpoint as ckpt_io
+import runtime
+import train as train_module
 from configurator import UserError
-from conftest import ROOT
+from helpers import ROOT, read_metrics
 from sample import SampleConfig, sample
 from train import TrainConfig, get_lr, train
-
-
-def read_metrics(out_dir: str | Path) -> tuple[list[dict], list[dict]]:
-    """(log records, eval records) from metrics.jsonl."""
-    records = [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in records if "loss" in r], [r for r in records if "val_loss" in r]
-
 
 # --- learning-rate schedule ------------------------------------------------------------------
 
@@ -323,3 +319,105 @@ def test_torchrun_two_processes_match_one(tiny_cfg, tmp_path):
     pa, pb = final_params(single.out_dir), final_params(tmp_path / "two")
     for k in pa:
         torch.testing.assert_close(pb[k], pa[k], rtol=1e-5, atol=1e-6)
+
+
+# --- trust: resume under the defaults, honest log lines, the run's settings win ------------------
+
+
+def test_resume_is_exact_when_the_peak_is_measured_at_each_start(tiny_cfg, tmp_path, monkeypatch):
+    """peak_flops=0 (the default) measures the matmul peak at startup when none is remembered:
+    that must not move the dropout random streams that a resume has just restored."""
+    kw = dict(dropout=0.1, max_iters=16, lr_decay_iters=16, eval_interval=8)
+    runs = iter(range(10))
+    real = runtime.peak_cache_path
+    monkeypatch.setattr(
+        runtime, "peak_cache_path", lambda: tmp_path / f"cache{next(runs)}" / real().name
+    )  # nothing remembered
+    straight = tiny_cfg(out_dir=str(tmp_path / "straight"), **kw)
+    train(straight)
+    split = tiny_cfg(out_dir=str(tmp_path / "split"), **{**kw, "max_iters": 8})
+    train(split)
+    train(dataclasses_replace(split, max_iters=16, init_from="resume"), explicit={"max_iters", "init_from"})
+    assert next(runs) == 3  # every start measured
+    a, b = final_params(straight.out_dir), final_params(split.out_dir)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_what_only_watches_training_does_not_change_it(tiny_cfg, tmp_path, monkeypatch):
+    """Measuring the peak, eval samples, loss.png and wandb leave every random stream alone."""
+    kw = dict(dropout=0.1, max_iters=12, lr_decay_iters=12, eval_interval=4)
+    plain = tiny_cfg(out_dir=str(tmp_path / "plain"), peak_flops=1e11, **kw)
+    train(plain)
+    monkeypatch.setenv("GPTSMITH_CACHE_DIR", str(tmp_path / "empty-cache"))
+    watched = tiny_cfg(out_dir=str(tmp_path / "watched"), eval_sample_tokens=16, plot=True, wandb_log=True,
+                       wandb_run_name="watched", **kw)  # fmt: skip
+    monkeypatch.chdir(tmp_path)  # wandb's offline folder
+    train(watched)
+    a, b = final_params(plain.out_dir), final_params(watched.out_dir)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+class StepClock:
+    """A fake time.perf_counter for train.py: one second per training micro-step, nothing else."""
+
+    def __init__(self, monkeypatch) -> None:
+        self.now = 0.0
+        real_get_batch = train_module.ds.get_batch
+
+        def get_batch(data, offsets, block_size, device):
+            if torch.is_grad_enabled():  # training, not evaluation
+                self.now += 1.0
+            return real_get_batch(data, offsets, block_size, device)
+
+        fake_time = types.SimpleNamespace(perf_counter=lambda: self.now, time=time.time)
+        monkeypatch.setattr(train_module, "time", fake_time)
+        monkeypatch.setattr(train_module.ds, "get_batch", get_batch)
+
+
+def test_log_lines_count_the_steps_since_the_last_line_or_eval(tiny_cfg, monkeypatch):
+    """eval_interval 6, log_interval 8: a log line after an eval covers fewer than 8 steps, and a resume
+    at step 6 logs first at step 8; each step takes one (fake) second, so every line must say so."""
+    StepClock(monkeypatch)
+    cfg = tiny_cfg(max_iters=24, lr_decay_iters=24, eval_interval=6, log_interval=8, peak_flops=1e11)
+    train(dataclasses_replace(cfg, max_iters=6))
+    train(dataclasses_replace(cfg, init_from="resume"), explicit={"init_from"})
+    logs, _ = read_metrics(cfg.out_dir)
+    tokens_per_step = cfg.batch_size * cfg.block_size
+    assert [r["iter"] for r in logs] == [8, 16, 24]
+    assert [r["tokens_per_sec"] for r in logs] == [tokens_per_step] * 3
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_resume_applies_the_runs_optimizer_settings(tiny_cfg, tmp_path, optimizer):
+    """The checkpoint gives the moments, this run's config the hyper-parameters."""
+    first = dict(weight_decay=0.1, beta1=0.9, beta2=0.95, muon_lr=0.02, muon_momentum=0.95, muon_ns_steps=5)
+    changed = dict(weight_decay=0.05, beta1=0.8, beta2=0.9, muon_lr=0.01, muon_momentum=0.9, muon_ns_steps=3)
+    runs = {}
+    for name, settings in (("same", first), ("changed", changed)):
+        cfg = tiny_cfg(out_dir=str(tmp_path / name), optimizer=optimizer, max_iters=6, lr_decay_iters=12, **first)
+        train(cfg)
+        train(dataclasses_replace(cfg, max_iters=12, init_from="resume", **settings), {"init_from", *settings})
+        runs[name] = ckpt_io.load_checkpoint(Path(cfg.out_dir) / "ckpt.pt")
+    states = runs["changed"]["optimizer"].get("optimizers", [runs["changed"]["optimizer"]])
+    groups = [g for state in states for g in state["param_groups"]]
+    adamw = [g for g in groups if "betas" in g]
+    assert {g["betas"] for g in adamw} == {(0.8, 0.9)} and max(g["weight_decay"] for g in adamw) == 0.05
+    if optimizer == "muon":
+        (muon,) = [g for g in groups if "ns_steps" in g]
+        assert (muon["momentum"], muon["ns_steps"], muon["weight_decay"]) == (0.9, 3, 0.05)
+        assert muon["lr_scale"] * cfg.learning_rate == pytest.approx(0.01)
+    a, b = runs["same"]["model"], runs["changed"]["model"]
+    assert not all(torch.equal(a[k], b[k]) for k in a)  # the new settings took effect
+
+
+def test_init_from_auto_starts_then_resumes(tiny_cfg, tmp_path, capsys):
+    kw = dict(dropout=0.1, lr_decay_iters=16, eval_interval=8)
+    straight = tiny_cfg(out_dir=str(tmp_path / "straight"), max_iters=16, **kw)
+    train(straight)
+    auto = tiny_cfg(out_dir=str(tmp_path / "auto"), init_from="auto", max_iters=8, **kw)
+    assert train(auto)["iter"] == 8
+    assert "no checkpoint at" in capsys.readouterr().out
+    assert train(dataclasses_replace(auto, max_iters=16), {"init_from", "max_iters"})["iter"] == 16
+    assert "init_from=auto: resuming from" in capsys.readouterr().out
+    a, b = final_params(straight.out_dir), final_params(auto.out_dir)
+    assert all(torch.equal(a[k], b[k]) for k in a)
