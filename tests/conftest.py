@@ -81,7 +81,7 @@ def tiny_cfg(char_data: Path, tmp_path: Path):
     config/shakespeare_char.py sets 1 too), 4 eval batches instead of 200, no compile (tens of
     seconds per test) and no loss.png (a second per eval). test_defaults.py runs the defaults.
     """
-    from train import TrainConfig
+    from gptsmith.config import TrainConfig
 
     base = TrainConfig(
         dataset=str(char_data),

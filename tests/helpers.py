@@ -60,7 +60,7 @@ def nan_after(monkeypatch, calls: int) -> None:
     """Make the training loss NaN after `calls` training forward passes."""
     import torch
 
-    import model as model_module
+    from gptsmith import model as model_module
 
     real = model_module.masked_cross_entropy
     count = {"n": 0}

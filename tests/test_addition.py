@@ -15,14 +15,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import checkpoint as ckpt_io
-import dataset as ds
-import train as train_module
-from configurator import UserError
+from gptsmith import checkpoint as ckpt_io
+from gptsmith import data as ds
+from gptsmith import init_from
+from gptsmith import trainer as train_module
+from gptsmith.configurator import UserError
+from gptsmith.model import GPT, GPTConfig, masked_cross_entropy
+from gptsmith.optim import get_lr
+from gptsmith.runtime import setup_runtime
+from gptsmith.trainer import train
 from helpers import ROOT, load_script
-from model import GPT, GPTConfig, masked_cross_entropy
-from runtime import setup_runtime
-from train import get_lr, train
 
 DIGITS = 2  # 10,000 problems of 10 tokens: quick to prepare and to learn
 LENGTH = 3 * DIGITS + 4
@@ -208,7 +210,7 @@ def test_block_size_must_fit_the_examples(tiny_cfg, addition_data):
 @pytest.fixture(scope="module")
 def addition_run(tmp_path_factory, addition_data) -> Path:
     """A tiny model trained briefly on the 2-digit problems (about ten seconds on a CPU)."""
-    from train import TrainConfig
+    from gptsmith.config import TrainConfig
 
     out = tmp_path_factory.mktemp("addition_run")
     threads = torch.get_num_threads()
@@ -291,7 +293,7 @@ def test_init_from_checkpoint_starts_a_fresh_run(tiny_cfg, tmp_path, source_run)
     cfg = tiny_cfg(init_from=str(source_ckpt), out_dir=str(tmp_path / "finetune"), max_iters=4, lr_decay_iters=4,
                    eval_interval=4, learning_rate=1e-3, min_lr=1e-4, warmup_iters=2)  # fmt: skip
 
-    _, model = train_module._pretrained_state(cfg, set())
+    _, model = init_from._pretrained_state(cfg, set())
     weights = ckpt_io.load_checkpoint(source_ckpt)["model"]
     assert all(torch.equal(p, weights[k]) for k, p in model.state_dict().items())  # the weights at step 0
 
@@ -321,8 +323,8 @@ def test_init_from_an_out_dir_and_its_checks(tiny_cfg, tmp_path, source_run):
     hf_like.mkdir()
     (hf_like / "config.json").write_text("{}")
     shutil.copy(Path(source_run.out_dir) / "ckpt.pt", hf_like / "ckpt.pt")
-    assert ckpt_io.run_checkpoint(str(hf_like)) is None  # a Hugging Face folder, not a run's out_dir
-    assert ckpt_io.run_checkpoint(source_run.out_dir) == Path(source_run.out_dir) / "ckpt.pt"
+    assert init_from.run_checkpoint(str(hf_like)) is None  # a Hugging Face folder, not a run's out_dir
+    assert init_from.run_checkpoint(source_run.out_dir) == Path(source_run.out_dir) / "ckpt.pt"
     with pytest.raises(UserError, match="no such file or folder"):
         tiny_cfg(init_from=str(tmp_path / "missing" / "ckpt.pt"))
 

@@ -6,8 +6,9 @@ import json
 
 import pytest
 
-from bench import BenchConfig, bench
-from configurator import UserError
+from gptsmith.bench import bench
+from gptsmith.config import BenchConfig
+from gptsmith.configurator import UserError
 
 TINY = dict(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=65, device="cpu", peak_flops=1e11)
 

@@ -15,8 +15,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # also importable when run as plain `pytest`, not only `python -m pytest`
     sys.path.insert(0, str(REPO))
 
-import configurator  # noqa: E402
-from configurator import UserError, cli_errors, load_config, opt, read_overrides  # noqa: E402
+from gptsmith import configurator  # noqa: E402
+from gptsmith.configurator import UserError, cli_errors, load_config, opt, read_overrides  # noqa: E402
 
 
 @dataclass
@@ -177,16 +177,16 @@ def test_a_non_py_file_given_positionally_is_read_as_a_config(tmp_path):
 
 
 def test_train_config_from_the_shipped_config_file_plus_override():
-    explicit = read_overrides(
-        __import__("train").TrainConfig, [str(REPO / "config" / "shakespeare_char.py"), "--batch_size=3"]
-    )
+    from gptsmith.config import TrainConfig
+
+    explicit = read_overrides(TrainConfig, [str(REPO / "config" / "shakespeare_char.py"), "--batch_size=3"])
     assert explicit["batch_size"] == 3
     assert explicit["block_size"] == 256 and explicit["dropout"] == 0.2 and type(explicit["dropout"]) is float
     assert explicit["always_save_checkpoint"] is False and explicit["out_dir"] == "out-shakespeare-char"
 
 
 def test_every_shipped_config_file_is_a_valid_train_config():
-    from train import TrainConfig
+    from gptsmith.config import TrainConfig
 
     for path in sorted((REPO / "config").glob("*.py")):
         cfg = load_config(TrainConfig, [str(path)])  # validation runs in __post_init__
@@ -196,7 +196,7 @@ def test_every_shipped_config_file_is_a_valid_train_config():
 
 
 def test_train_config_types_and_raw_str():
-    from train import TrainConfig
+    from gptsmith.config import TrainConfig
 
     cfg = load_config(TrainConfig, ["--out_dir=2024", "--learning_rate=1", "--compile=False", "--min_lr=0"])
     assert cfg.out_dir == "2024" and cfg.learning_rate == 1.0 and type(cfg.learning_rate) is float
@@ -215,7 +215,7 @@ def test_train_config_types_and_raw_str():
     [("--batchsize=3", "batch_size"), ("--learningrate=1e-3", "learning_rate"), ("--n_layers=2", "n_layer")],
 )
 def test_unknown_key_suggests_the_closest_key(arg, wanted):
-    from train import TrainConfig
+    from gptsmith.config import TrainConfig
 
     key = arg[2:].split("=")[0]
     message = user_error([arg], TrainConfig)
@@ -229,7 +229,7 @@ def test_unknown_key_without_a_close_match_points_to_help():
 
 
 def test_unknown_key_in_a_config_file_names_the_file(tmp_path):
-    from train import TrainConfig
+    from gptsmith.config import TrainConfig
 
     path = write(tmp_path, "cfg.py", "batch_size = 4\nbatchsize = 3\n")
     message = user_error([path], TrainConfig)
@@ -303,7 +303,7 @@ def test_help_lists_every_key_with_default_and_meaning_and_exits_0(capsys, flag)
 
 
 def test_help_for_train_config_covers_every_field(capsys):
-    from train import TrainConfig
+    from gptsmith.config import TrainConfig
 
     with pytest.raises(SystemExit) as info:
         read_overrides(TrainConfig, ["--help"])

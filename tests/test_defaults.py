@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-import checkpoint as ckpt_io
-import runtime
-from train import main as train_main
+from gptsmith import checkpoint as ckpt_io
+from gptsmith import runtime
+from gptsmith.trainer import main as train_main
 
 # README's "On a CPU" command, shortened to 10 steps with an eval every 5.
 CPU_RECIPE = ["config/shakespeare_char.py", "--device=cpu", "--compile=False", "--eval_iters=20", "--log_interval=1",

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import GPT, GPTConfig, KVCache, masked_cross_entropy
+from gptsmith.model import GPT, GPTConfig, KVCache, masked_cross_entropy
 
 
 def tiny(**overrides) -> GPT:

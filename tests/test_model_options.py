@@ -10,12 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 
-import checkpoint as ckpt_io
-from configurator import UserError
-from export_hf import ExportConfig, export
-from model import GPT, GPTConfig, KVCache, swiglu_hidden
-from optim import CombinedOptimizer, Muon, configure_muon, muon_param_split, newton_schulz
-from train import TrainConfig, get_lr, train
+from gptsmith import checkpoint as ckpt_io
+from gptsmith.config import ExportConfig, TrainConfig
+from gptsmith.configurator import UserError
+from gptsmith.hf import export
+from gptsmith.model import GPT, GPTConfig, KVCache, swiglu_hidden
+from gptsmith.optim import CombinedOptimizer, Muon, configure_muon, get_lr, muon_param_split, newton_schulz
+from gptsmith.trainer import train
 
 MODERN = dict(pos_emb="rope", norm="rmsnorm", activation="swiglu", qk_norm=True, n_kv_head=2, tie_weights=False,
               logit_softcap=15.0)  # fmt: skip

@@ -14,13 +14,14 @@ import numpy as np
 import pytest
 import torch
 
-import checkpoint as ckpt_io
-from configurator import UserError, read_overrides
+from gptsmith import checkpoint as ckpt_io
+from gptsmith.config import SampleConfig, TrainConfig
+from gptsmith.configurator import UserError, read_overrides
+from gptsmith.model import GPT, GPTConfig
+from gptsmith.sampler import sample
+from gptsmith.trainer import main as train_main
+from gptsmith.trainer import train
 from helpers import ROOT
-from model import GPT, GPTConfig
-from sample import SampleConfig, sample
-from train import TrainConfig, train
-from train import main as train_main
 
 # nanoGPT's own config files, as its users have them (plain assignments; the values are nanoGPT's).
 NANOGPT_TRAIN_GPT2 = """\
@@ -279,7 +280,7 @@ def test_meta_pkl_that_would_run_code_is_refused(tiny_cfg, char_data, tmp_path, 
 
 
 def test_nanogpts_meta_pkl_still_loads(tmp_path):
-    import dataset as ds
+    from gptsmith import data as ds
 
     chars = sorted(set("First Citizen:\nBefore we proceed"))
     meta = {"vocab_size": len(chars), "itos": dict(enumerate(chars)), "stoi": {c: i for i, c in enumerate(chars)}}

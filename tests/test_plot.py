@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from plot import main, read_metrics
+from gptsmith.metrics import main, read_metrics
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -70,7 +70,7 @@ def test_resumed_history_replaces_records_from_the_resume_step_on(tmp_path):
 
 
 def test_training_run_metrics_plot(tiny_cfg):
-    from train import train
+    from gptsmith.trainer import train
 
     cfg = tiny_cfg(max_iters=10, eval_interval=5)
     train(cfg)

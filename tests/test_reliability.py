@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 import torch
 
-import checkpoint as ckpt_io
-import model as model_module
-from configurator import UserError
+from gptsmith import checkpoint as ckpt_io
+from gptsmith import model as model_module
+from gptsmith.configurator import UserError
+from gptsmith.trainer import train
 from helpers import ROOT, nan_after
-from train import train
 
 
 def copy_dataset(src: Path, dst: Path) -> Path:
@@ -213,7 +213,8 @@ def test_checkpoint_of_another_architecture(trained):
     ckpt_io.save_checkpoint(state, path)
     with pytest.raises(UserError, match="does not fit this architecture"):
         train(dataclasses.replace(trained, init_from="resume", max_iters=4))
-    from sample import SampleConfig, sample
+    from gptsmith.config import SampleConfig
+    from gptsmith.sampler import sample
 
     with pytest.raises(UserError, match="does not fit this architecture"):
         sample(SampleConfig(out_dir=trained.out_dir, device="cpu"))
@@ -251,7 +252,8 @@ class _Usage:
     ids=["unknown-checkpoint", "unknown-characters", "missing-prompt-file", "empty-prompt"],
 )
 def test_sample_bad_input_is_refused_untouched(trained, overrides, message):
-    from sample import SampleConfig, sample
+    from gptsmith.config import SampleConfig
+    from gptsmith.sampler import sample
 
     before = snapshot(Path(trained.out_dir))
     with pytest.raises(UserError, match=message):

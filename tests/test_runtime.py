@@ -8,9 +8,9 @@ import os
 import pytest
 import torch
 
-import runtime
-from configurator import UserError
-from runtime import Runtime, check_torch_version, measure_matmul_flops, peak_flops
+from gptsmith import runtime
+from gptsmith.configurator import UserError
+from gptsmith.runtime import Runtime, check_torch_version, measure_matmul_flops, peak_flops
 
 
 def test_torch_floor_is_checked_with_one_line():

@@ -13,7 +13,6 @@ Every key, its default and meaning: python data/addition/evaluate.py --help
 
 # no `from __future__ import annotations`: tests import this file unregistered in sys.modules, where
 # dataclasses cannot resolve string annotations
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,13 +21,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root
-
-import checkpoint as ckpt_io  # noqa: E402
-import dataset as ds  # noqa: E402
-from configurator import UserError, cli_errors, load_config, opt, show_progress  # noqa: E402
-from model import GPT  # noqa: E402
-from runtime import Runtime, setup_runtime, teardown  # noqa: E402
+from gptsmith import checkpoint as ckpt_io
+from gptsmith import data as ds
+from gptsmith.configurator import UserError, cli_errors, load_config, opt, show_progress
+from gptsmith.model import GPT
+from gptsmith.runtime import Runtime, setup_runtime, teardown
 
 
 @dataclass

@@ -18,16 +18,13 @@ format of dataset.py; data/addition/evaluate.py scores a model on test.*.
 
 # no `from __future__ import annotations`: tests import this file unregistered in sys.modules, where
 # dataclasses cannot resolve string annotations
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root, for prepare_utils
-
-from configurator import UserError, cli_errors, load_config, opt  # noqa: E402
-from prepare_utils import TokenWriter  # noqa: E402
+from gptsmith.configurator import UserError, cli_errors, load_config, opt
+from gptsmith.prepare import TokenWriter
 
 END, PAD = "$", "."
 CHARS = sorted("0123456789+=" + END + PAD)  # '$' '+' '.' '0'..'9' '='

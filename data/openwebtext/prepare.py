@@ -20,7 +20,6 @@ import logging
 import os
 import shutil
 import signal
-import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -31,10 +30,8 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root, for prepare_utils
-
-from configurator import UserError, cli_errors, load_config, opt, show_progress  # noqa: E402
-from prepare_utils import (  # noqa: E402
+from gptsmith.configurator import UserError, cli_errors, load_config, opt, show_progress
+from gptsmith.prepare import (
     TokenWriter,
     check_utf8,
     encode_documents,

@@ -8,12 +8,9 @@ the text becomes train.bin, the last 10% val.bin. Offline, tiktoken needs TIKTOK
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root, for prepare_utils
-
-from prepare_utils import gpt2, read_input_text, run_prepare, write_splits  # noqa: E402
+from gptsmith.prepare import gpt2, read_input_text, run_prepare, write_splits
 
 URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 

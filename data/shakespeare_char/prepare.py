@@ -7,12 +7,9 @@ The text comes from --input, else input.txt beside this script, else a download.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root, for prepare_utils
-
-from prepare_utils import read_input_text, run_prepare, write_splits  # noqa: E402
+from gptsmith.prepare import read_input_text, run_prepare, write_splits
 
 URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 

@@ -18,10 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root, for prepare_utils
-
-from configurator import UserError, cli_errors, load_config, opt  # noqa: E402
-from prepare_utils import UINT16_LIMIT, TokenWriter, expand_inputs, gpt2, read_text_file  # noqa: E402
+from gptsmith.configurator import UserError, cli_errors, load_config, opt
+from gptsmith.prepare import UINT16_LIMIT, TokenWriter, expand_inputs, gpt2, read_text_file
 
 DATA_ROOT = Path(__file__).resolve().parents[1]
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")

@@ -18,9 +18,9 @@ from typing import Any
 import torch
 import torch.utils.checkpoint
 
-from configurator import UserError
-from model import GPT
-from runtime import Runtime
+from gptsmith.configurator import UserError
+from gptsmith.model import GPT
+from gptsmith.runtime import Runtime
 
 MODES = ("ddp", "fsdp")
 

@@ -14,13 +14,15 @@ import numpy as np
 import pytest
 import torch
 
-import checkpoint as ckpt_io
-import runtime
-import train as train_module
-from configurator import UserError
+from gptsmith import checkpoint as ckpt_io
+from gptsmith import metrics, runtime
+from gptsmith import trainer as train_module
+from gptsmith.config import SampleConfig, TrainConfig
+from gptsmith.configurator import UserError
+from gptsmith.optim import get_lr
+from gptsmith.sampler import sample
+from gptsmith.trainer import train
 from helpers import ROOT, read_metrics
-from sample import SampleConfig, sample
-from train import TrainConfig, get_lr, train
 
 # --- learning-rate schedule ------------------------------------------------------------------
 
@@ -240,7 +242,7 @@ def test_bad_runtime_or_data_is_refused(tiny_cfg, overrides, message):
 
 
 def test_missing_dataset_names_prepare_command(tiny_cfg, tmp_path, monkeypatch):
-    import dataset
+    from gptsmith import data as dataset
 
     (tmp_path / "data" / "shakespeare_char").mkdir(parents=True)
     (tmp_path / "data" / "shakespeare_char" / "prepare.py").write_text("")
@@ -371,6 +373,7 @@ class StepClock:
 
         fake_time = types.SimpleNamespace(perf_counter=lambda: self.now, time=time.time)
         monkeypatch.setattr(train_module, "time", fake_time)
+        monkeypatch.setattr(metrics, "time", fake_time)
         monkeypatch.setattr(train_module.ds, "get_batch", get_batch)
 
 

@@ -10,8 +10,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-import dataset as ds
-import prepare_utils
+from gptsmith import data as ds
+from gptsmith import prepare as prepare_utils
 from helpers import load_script
 
 DOCS = [

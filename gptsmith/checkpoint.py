@@ -12,7 +12,8 @@ model and optimizer shards per process, plus train_state.pt, the non-tensor stat
 config, RNG states, ...) that rank 0 writes. It is written as .ckpt.dcp.tmp/ and then
 swapped in by two renames (old folder aside, new one in); a save killed at any moment
 leaves the previous folder, or both, and recover_sharded() puts the newest complete one
-back in place. consolidate.py turns such a folder into an ordinary single-file ckpt.pt.
+back in place. consolidate() (python consolidate.py) turns such a folder into an ordinary
+single-file ckpt.pt.
 """
 
 from __future__ import annotations
@@ -29,13 +30,34 @@ from typing import Any
 import numpy as np
 import torch
 
-import dataset as ds
-from configurator import UserError
-from model import GPT, GPT2_NAMES, GPTConfig
+from gptsmith import data as ds
+from gptsmith.configurator import UserError
+from gptsmith.model import GPT, GPTConfig
 
 REQUIRED_KEYS = ("model", "model_args", "iter_num", "config")
 TRAIN_STATE = "train_state.pt"  # inside a sharded checkpoint folder: everything but the tensors
 SHARDED_SUFFIX = ".dcp"
+
+
+def checkpoint_path(out_dir: Path, name: str, sharded: bool) -> Path:
+    """Where checkpoint name (ckpt.pt, best.pt) lives: the file, or under FSDP its folder (ckpt.dcp)."""
+    return out_dir / (sharded_name(name) if sharded else name)
+
+
+def has_checkpoint(out_dir: Path, sharded: bool) -> bool:
+    """Whether out_dir holds a complete ckpt.pt (or, sharded, ckpt.dcp) to resume from."""
+    path = checkpoint_path(out_dir, "ckpt.pt", sharded)
+    return is_sharded(path) if sharded else path.is_file()
+
+
+def save_state(path: Path, model: torch.nn.Module, optimizer: Any, train_state: dict[str, Any], *, sharded: bool,
+               master: bool) -> None:  # fmt: skip
+    """Save a training run's state: one file that rank 0 writes, or (sharded) a folder every rank writes its
+    shards into. Collective when sharded."""
+    if sharded:
+        save_sharded(path, model, optimizer, train_state, master)
+    elif master:
+        save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(), **train_state}, path)
 
 
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
@@ -126,57 +148,6 @@ def model_from_checkpoint(state: dict[str, Any], path: str | Path) -> GPT:
         raise UserError(f"checkpoint {path} describes a model this version cannot build: {e}") from None
     load_weights(model, state["model"], path)
     return model
-
-
-def is_pretrained(init_from: str) -> bool:
-    """Whether init_from names pretrained weights: a GPT-2 hub name, an existing local folder
-    (Hugging Face model or another run's out_dir) or a checkpoint file."""
-    return init_from in GPT2_NAMES or Path(init_from).is_dir() or run_checkpoint(init_from) is not None
-
-
-def run_checkpoint(init_from: str) -> Path | None:
-    """The gptsmith checkpoint that init_from names, to start a new run from: a checkpoint file,
-    or another run's out_dir (its ckpt.pt); None for GPT-2 names and Hugging Face folders."""
-    path = Path(init_from)
-    if path.is_file():
-        return path
-    # A Hugging Face model folder has config.json; an out_dir has ckpt.pt, or ckpt.dcp under FSDP
-    # (then load_checkpoint says how to consolidate it).
-    out_dir = path.is_dir() and not (path / "config.json").exists()
-    if out_dir and ((path / "ckpt.pt").is_file() or is_sharded(path / sharded_name("ckpt.pt"))):
-        return path / "ckpt.pt"
-    return None
-
-
-def check_init_from(init_from: str, modes: tuple[str, ...]) -> None:
-    """Accept one of modes (e.g. 'scratch', 'resume') or pretrained weights; otherwise a UserError naming the options."""
-    if init_from not in modes and not is_pretrained(init_from):
-        options = ", ".join(f"'{m}'" for m in (*modes, *GPT2_NAMES))
-        raise UserError(
-            f"init_from must be {options}, the path of a Hugging Face model folder, or a checkpoint (a ckpt.pt "
-            f"file or another run's out_dir), got {init_from!r} (no such file or folder)"
-        )
-
-
-def load_run_model(path: Path, dropout: float) -> tuple[GPT, dict[str, Any] | None]:
-    """Another run's model from its checkpoint, with this run's dropout, and its vocabulary (meta)."""
-    state = load_checkpoint(path)
-    state["model_args"] = {**state["model_args"], "dropout": dropout}  # dropout is a training choice, not architecture
-    return model_from_checkpoint(state, path), checkpoint_vocab(state, path)
-
-
-def load_pretrained(init_from: str, dropout: float = 0.0) -> GPT:
-    """GPT.from_pretrained, with its failures as UserError."""
-    source = run_checkpoint(init_from)
-    if source is not None:  # train.py loads these itself; elsewhere (sample.py) they are read from out_dir
-        raise UserError(
-            f"{init_from} is a gptsmith checkpoint, not GPT-2 weights; load it with --out_dir={source.parent} "
-            f"--ckpt={source.name}"
-        )
-    try:
-        return GPT.from_pretrained(init_from, {"dropout": dropout})
-    except (ImportError, ValueError) as e:
-        raise UserError(str(e)) from None
 
 
 def load_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], path: str | Path) -> None:
@@ -362,3 +333,49 @@ def _fsync_dir(folder: Path) -> None:
         os.fsync(fd)  # make renames inside folder durable
     finally:
         os.close(fd)
+
+
+# --- consolidation: a sharded folder as one ordinary checkpoint file ------------------------------
+
+
+def consolidate(cfg: Any) -> Path:
+    """Write the single-file checkpoint for cfg's sharded folder (a ConsolidateConfig); return its path.
+    The same file train.py writes without FSDP: it samples, exports and resumes with parallel=ddp."""
+    from gptsmith.optim import build_optimizer
+
+    source = readable_sharded(Path(cfg.out_dir) / cfg.ckpt)
+    state = load_train_state(source)
+    try:
+        model = GPT(GPTConfig(**state["model_args"]))
+    except (TypeError, ValueError, AssertionError) as e:
+        raise UserError(f"checkpoint {source} describes a model this version cannot build: {e}") from None
+    # The optimizer train.py made, so the saved state maps onto the same parameter groups.
+    optimizer = build_optimizer(model, state["config"], "cpu") if cfg.optimizer else None
+    load_sharded(source, model, optimizer)
+    out = {"model": model.state_dict()}
+    if optimizer is not None:
+        out["optimizer"] = optimizer.state_dict()
+    out.update({k: v for k, v in state.items() if k != "world_size"})  # the rest is as train.py saved it
+    dest = cfg.output_path()
+    if not dest.parent.is_dir():
+        raise UserError(f"cannot write {dest}: no folder {dest.parent}")
+    save_checkpoint(out, dest)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(
+        f"wrote {dest}: step {state['iter_num']}, {n_params / 1e6:.2f}M parameters"
+        f"{', with optimizer state' if optimizer is not None else ''} "
+        f"(from the shards of {state.get('world_size', '?')} processes)"
+    )
+    return dest
+
+
+def consolidate_main(argv: list[str] | None = None) -> None:
+    """python consolidate.py: a sharded (FSDP) checkpoint folder as one ckpt.pt, in one process, no GPU needed."""
+    import sys
+
+    from gptsmith.config import ConsolidateConfig
+    from gptsmith.configurator import cli_errors, load_config
+
+    with cli_errors():
+        dest = consolidate(load_config(ConsolidateConfig, sys.argv[1:] if argv is None else argv))
+        print(f"next: python sample.py --out_dir={dest.parent} --ckpt={dest.name}")

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from configurator import UserError
+from gptsmith.configurator import UserError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")

@@ -1,4 +1,4 @@
-"""Tests for dataset.py and the prepare script: sampler order, eval batches, batches, prepare errors."""
+"""Tests for gptsmith/data.py and the shakespeare_char prepare script: sampler order, eval batches, batches, prepare errors."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from configurator import UserError
-from dataset import BatchSampler, eval_offsets, get_batch, get_tokenizer
+from gptsmith.configurator import UserError
+from gptsmith.data import BatchSampler, eval_offsets, get_batch, get_tokenizer
 from helpers import ROOT, load_script
 
 
@@ -167,7 +167,7 @@ def test_prepare_offline_without_a_copy_says_to_pass_input(tmp_path, monkeypatch
 def test_tests_needing_shared_files_skip_without_them_except_under_ci(tmp_path):
     """A fresh clone without ../shared: the real-Shakespeare tests skip and say why; under .ci/run
     (GPTSMITH_REQUIRE_SHARED=1) the same skip is a failure, so CI runs every test."""
-    target = "tests/test_dataset.py::test_prepare_real_shakespeare_as_the_readme_says"
+    target = "tests/test_data.py::test_prepare_real_shakespeare_as_the_readme_says"
     env = {k: v for k, v in os.environ.items() if k != "GPTSMITH_REQUIRE_SHARED"}
     env["GPTSMITH_SHAKESPEARE"] = str(tmp_path / "nowhere.txt")
 

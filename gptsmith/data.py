@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from configurator import UserError
+from gptsmith.configurator import UserError
 
 DATA_ROOT = Path("data")  # relative to the current directory, as in nanoGPT: run the commands from the clone
 GPT2_BPE_TOKENS = 50257  # GPT-2's BPE vocabulary: the rows of OpenAI's embedding matrix

@@ -1,4 +1,5 @@
-"""Muon for the transformer blocks' weight matrices, AdamW for everything else.
+"""The optimizers and the learning-rate schedule: AdamW (nanoGPT's grouping), Muon for the
+transformer blocks' weight matrices with AdamW for everything else, and get_lr.
 
 Muon (Keller Jordan, 2024) is momentum SGD whose update for a 2-D weight matrix is replaced by
 the nearest (semi-)orthogonal matrix, approximated by a few quintic Newton-Schulz iterations:
@@ -9,6 +10,7 @@ every direction of the update moves by about the same amount. Embeddings, the LM
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -158,6 +160,19 @@ def muon_param_split(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Para
     return muon, adamw
 
 
+def adamw(params: Any, weight_decay: float, learning_rate: float, betas: tuple[float, float],
+          device_type: str) -> torch.optim.AdamW:  # fmt: skip
+    """AdamW decaying only matrices (>= 2-D: weights, embeddings), not biases and norm gains;
+    the fused kernel where this torch has one for the device."""
+    params = [p for p in params if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    fused = device_type in ("cuda", "cpu") and "fused" in inspect.signature(torch.optim.AdamW).parameters
+    return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused or None)
+
+
 def configure_muon(model: nn.Module, weight_decay: float, learning_rate: float, betas: tuple[float, float],
                    device_type: str, muon_lr: float = 0.02, muon_momentum: float = 0.95,
                    ns_steps: int = 5) -> CombinedOptimizer:  # fmt: skip
@@ -165,10 +180,37 @@ def configure_muon(model: nn.Module, weight_decay: float, learning_rate: float, 
     muon_params, adamw_params = muon_param_split(model)
     muon = Muon(muon_params, lr=learning_rate, lr_scale=muon_lr / learning_rate, momentum=muon_momentum,
                 ns_steps=ns_steps, weight_decay=weight_decay)  # fmt: skip
-    groups = [
-        {"params": [p for p in adamw_params if p.dim() >= 2], "weight_decay": weight_decay},  # embeddings, head
-        {"params": [p for p in adamw_params if p.dim() < 2], "weight_decay": 0.0},
-    ]
-    fused = device_type in ("cuda", "cpu") and "fused" in inspect.signature(torch.optim.AdamW).parameters
-    adamw = torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused or None)
-    return CombinedOptimizer(muon, adamw)
+    return CombinedOptimizer(muon, adamw(adamw_params, weight_decay, learning_rate, betas, device_type))
+
+
+def build_optimizer(model: nn.Module, settings: dict[str, Any], device_type: str) -> Any:
+    """The optimizer a training config (or its record in a checkpoint, settings) asks for: keys
+    optimizer, weight_decay, learning_rate, beta1, beta2, muon_lr, muon_momentum, muon_ns_steps."""
+    common = dict(weight_decay=settings.get("weight_decay", 0.1), learning_rate=settings.get("learning_rate", 6e-4),
+                  betas=(settings.get("beta1", 0.9), settings.get("beta2", 0.95)), device_type=device_type)  # fmt: skip
+    if settings.get("optimizer", "adamw") == "muon":  # Muon for the blocks' matrices, AdamW for the rest
+        return configure_muon(model, **common, muon_lr=settings.get("muon_lr", 0.02),
+                              muon_momentum=settings.get("muon_momentum", 0.95),
+                              ns_steps=settings.get("muon_ns_steps", 5))  # fmt: skip
+    return adamw(model.parameters(), **common)
+
+
+def get_lr(it: int, cfg: Any) -> float:
+    """Learning rate at step it: linear warmup (nonzero at step 0), then cosine decay to min_lr at
+    lr_decay_iters, or (wsd) constant until decay_start = max(warmup_iters, lr_decay_iters -
+    int(decay_frac * lr_decay_iters)) and linear from learning_rate there to min_lr at lr_decay_iters."""
+    if not cfg.decay_lr:
+        return cfg.learning_rate
+    if it < cfg.warmup_iters:
+        return cfg.learning_rate * (it + 1) / (cfg.warmup_iters + 1)
+    if it >= cfg.lr_decay_iters:
+        return cfg.min_lr
+    if cfg.lr_schedule == "wsd":
+        decay_start = max(cfg.warmup_iters, cfg.lr_decay_iters - int(cfg.decay_frac * cfg.lr_decay_iters))
+        if it < decay_start:
+            return cfg.learning_rate
+        ratio = (it - decay_start) / (cfg.lr_decay_iters - decay_start)  # 0 -> 1
+        return cfg.learning_rate + ratio * (cfg.min_lr - cfg.learning_rate)
+    ratio = (it - cfg.warmup_iters) / (cfg.lr_decay_iters - cfg.warmup_iters)
+    coeff = 0.5 * (1.0 + math.cos(math.pi * ratio))  # 1 -> 0
+    return cfg.min_lr + coeff * (cfg.learning_rate - cfg.min_lr)

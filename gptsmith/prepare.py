@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from configurator import UserError, cli_errors, load_config, opt
+from gptsmith.configurator import UserError, cli_errors, load_config, opt
 
 UINT16_LIMIT = 2**16
 
@@ -110,7 +110,7 @@ def check_utf8(path: Path, block: int = 1 << 24) -> None:
 
 def gpt2() -> Any:
     """tiktoken's GPT-2 BPE, or a UserError saying how to get it offline."""
-    from dataset import gpt2_encoding  # here, not at the top: dataset imports torch, which char data never needs
+    from gptsmith.data import gpt2_encoding  # here, not at the top: dataset imports torch, which char data never needs
 
     return gpt2_encoding()
 

@@ -21,17 +21,17 @@ from pathlib import Path
 import pytest
 import torch
 
-import checkpoint as ckpt_io
-import parallel
-from configurator import UserError
-from consolidate import ConsolidateConfig, consolidate
-from consolidate import main as consolidate_main
+from gptsmith import checkpoint as ckpt_io
+from gptsmith import parallel
+from gptsmith.checkpoint import consolidate, consolidate_main
+from gptsmith.config import ConsolidateConfig, SampleConfig, TrainConfig
+from gptsmith.configurator import UserError
+from gptsmith.model import GPT, GPTConfig
+from gptsmith.runtime import setup_runtime, teardown
+from gptsmith.sampler import sample
+from gptsmith.trainer import main as train_main
+from gptsmith.trainer import train
 from helpers import ROOT, nan_after, read_metrics
-from model import GPT, GPTConfig
-from runtime import setup_runtime, teardown
-from sample import SampleConfig, sample
-from train import TrainConfig, accumulation_steps, train
-from train import main as train_main
 
 # A tiny model, 4 micro-steps per optimizer step (2 per process on 2), 3 eval batches (uneven over 2).
 SMALL = dict(device="cpu", compile=False, n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=8, dropout=0.0,
@@ -278,15 +278,15 @@ def test_bad_parallel_or_batch_settings_are_refused(tiny_cfg, overrides, message
 
 def test_total_batch_size_sets_accumulation_steps(tiny_cfg):
     cfg = tiny_cfg(total_batch_size=1024)  # 4 micro-steps of 8 x 32 tokens
-    assert accumulation_steps(cfg, world_size=1) == 4
-    assert accumulation_steps(cfg, world_size=4) == 4
+    assert cfg.accumulation_steps(1) == 4
+    assert cfg.accumulation_steps(4) == 4
     # total_batch_size wins over gradient_accumulation_steps, e.g. config/train_gpt2.py's 40
-    assert accumulation_steps(dataclasses.replace(cfg, gradient_accumulation_steps=40), world_size=2) == 4
-    assert accumulation_steps(tiny_cfg(gradient_accumulation_steps=6), world_size=3) == 6  # unused: as before
+    assert (dataclasses.replace(cfg, gradient_accumulation_steps=40)).accumulation_steps(2) == 4
+    assert (tiny_cfg(gradient_accumulation_steps=6)).accumulation_steps(3) == 6  # unused: as before
     with pytest.raises(UserError, match=r"4 micro-steps .* 3 processes cannot share .*--total_batch_size=768"):
-        accumulation_steps(cfg, world_size=3)
+        cfg.accumulation_steps(3)
     with pytest.raises(UserError, match="divisible by the world size"):
-        accumulation_steps(tiny_cfg(gradient_accumulation_steps=3), world_size=2)
+        (tiny_cfg(gradient_accumulation_steps=3)).accumulation_steps(2)
 
 
 def test_total_batch_size_in_training(tiny_cfg, capsys):

@@ -16,13 +16,15 @@ import numpy as np
 import pytest
 import torch
 
-import checkpoint as ckpt_io
-from configurator import UserError
-from export_hf import ExportConfig, export
+from gptsmith import checkpoint as ckpt_io
+from gptsmith import init_from
+from gptsmith.config import ExportConfig, SampleConfig, TrainConfig
+from gptsmith.configurator import UserError
+from gptsmith.hf import export
+from gptsmith.model import GPT, GPTConfig
+from gptsmith.sampler import sample
+from gptsmith.trainer import train
 from helpers import ROOT
-from model import GPT, GPTConfig
-from sample import SampleConfig, sample
-from train import TrainConfig, train
 
 transformers = pytest.importorskip("transformers")
 
@@ -131,7 +133,7 @@ def broken_folder(tmp_path: Path, kind: str, hf_dir: Path) -> Path:
 )
 def test_folder_that_is_not_gpt2_is_refused(tmp_path, hf_dir, kind, message):
     with pytest.raises(UserError, match=message):
-        ckpt_io.load_pretrained(str(broken_folder(tmp_path, kind, hf_dir)))
+        init_from.load_pretrained(str(broken_folder(tmp_path, kind, hf_dir)))
 
 
 def test_unknown_init_from_names_the_options():
@@ -267,7 +269,7 @@ def test_export_refuses_missing_checkpoint_and_nonempty_folder(tmp_path):
 
 def test_model_module_imports_only_torch():
     """transformers is imported inside GPT.from_pretrained, never when model.py loads."""
-    tree = ast.parse((ROOT / "model.py").read_text())
+    tree = ast.parse((ROOT / "gptsmith" / "model.py").read_text())
     imported = set()
     for node in tree.body:
         if isinstance(node, ast.Import):

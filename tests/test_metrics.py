@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-import configurator
-from configurator import UserError
+from gptsmith import configurator
+from gptsmith.configurator import UserError
+from gptsmith.trainer import train
 from helpers import ROOT
-from train import train
 
 
 def test_run_summary_names_everything_needed_next(tiny_cfg, capsys):
