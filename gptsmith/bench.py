@@ -25,8 +25,14 @@ from gptsmith.runtime import Runtime, peak_flops, setup_runtime, teardown
 
 def _emit(cfg: BenchConfig, rt: Runtime, model: GPT, figures: dict[str, float | None]) -> None:
     """One JSON line with the run's setting and its figures, for scripts collecting results."""
-    record = {"what": cfg.what, "device": str(rt.device), "dtype": str(rt.dtype).removeprefix("torch."),
-              "compile": cfg.compile, "params": model.get_num_params(), **figures}  # fmt: skip
+    record = {
+        "what": cfg.what,
+        "device": str(rt.device),
+        "dtype": str(rt.dtype).removeprefix("torch."),
+        "compile": cfg.compile,
+        "params": model.get_num_params(),
+        **figures,
+    }
     print(json.dumps(record))
 
 
@@ -82,9 +88,16 @@ def bench_sample(cfg: BenchConfig, rt: Runtime, model: GPT) -> dict[str, float]:
         result["kv_cache" if use_cache else "recompute"] = tps
         print(f"sample ({'KV cache' if use_cache else 'recompute'}): {tps:,.1f} tok/s (median of {cfg.repeats})")
     print(f"KV cache speed-up: {result['kv_cache'] / result['recompute']:.1f}x")
-    _emit(cfg, rt, model, {"kv_cache_tokens_per_sec": result["kv_cache"],
-                           "recompute_tokens_per_sec": result["recompute"],
-                           "speedup": result["kv_cache"] / result["recompute"]})  # fmt: skip
+    _emit(
+        cfg,
+        rt,
+        model,
+        {
+            "kv_cache_tokens_per_sec": result["kv_cache"],
+            "recompute_tokens_per_sec": result["recompute"],
+            "speedup": result["kv_cache"] / result["recompute"],
+        },
+    )
     return result
 
 

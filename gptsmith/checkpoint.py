@@ -50,8 +50,9 @@ def has_checkpoint(out_dir: Path, sharded: bool) -> bool:
     return is_sharded(path) if sharded else path.is_file()
 
 
-def save_state(path: Path, model: torch.nn.Module, optimizer: Any, train_state: dict[str, Any], *, sharded: bool,
-               master: bool) -> None:  # fmt: skip
+def save_state(
+    path: Path, model: torch.nn.Module, optimizer: Any, train_state: dict[str, Any], *, sharded: bool, master: bool
+) -> None:
     """Save a training run's state: one file that rank 0 writes, or (sharded) a folder every rank writes its
     shards into. Collective when sharded."""
     if sharded:
@@ -239,8 +240,9 @@ def _siblings(path: Path) -> tuple[Path, Path]:
     return path.with_name(f".{path.name}.tmp"), path.with_name(f".{path.name}.old")
 
 
-def save_sharded(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, train_state: dict[str, Any],
-                 master: bool) -> None:  # fmt: skip
+def save_sharded(
+    path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, train_state: dict[str, Any], master: bool
+) -> None:
     """Collective: every process writes its shards of model and optimizer into a temporary
     folder, rank 0 adds train_state and swaps the folder in for path."""
     import torch.distributed as dist

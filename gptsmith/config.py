@@ -81,9 +81,16 @@ class ModelKeys(KeyGroup):
 
     def gpt_config(self, vocab_size: int, dropout: float = 0.0) -> GPTConfig:
         """The GPTConfig these keys describe, for a vocabulary of vocab_size."""
-        return GPTConfig(block_size=self.block_size, vocab_size=vocab_size, n_layer=self.n_layer, n_head=self.n_head,
-                         n_embd=self.n_embd, dropout=dropout, bias=self.bias,
-                         **{k: getattr(self, k) for k in MODEL_OPTIONS})  # fmt: skip
+        return GPTConfig(
+            block_size=self.block_size,
+            vocab_size=vocab_size,
+            n_layer=self.n_layer,
+            n_head=self.n_head,
+            n_embd=self.n_embd,
+            dropout=dropout,
+            bias=self.bias,
+            **{k: getattr(self, k) for k in MODEL_OPTIONS},
+        )
 
 
 @dataclass
@@ -236,8 +243,9 @@ class SystemKeys(KeyGroup):
 
 # Bases in reverse order: a dataclass lists the fields of its last base first.
 @dataclass
-class TrainConfig(PeakKeys, RuntimeKeys, SystemKeys, ScheduleKeys, OptimizerKeys, ModelKeys, TrainDataKeys,
-                  TrainIOKeys):  # fmt: skip
+class TrainConfig(
+    PeakKeys, RuntimeKeys, SystemKeys, ScheduleKeys, OptimizerKeys, ModelKeys, TrainDataKeys, TrainIOKeys
+):
     """Training configuration: nanoGPT's keys, defaults and meanings, plus a few of our own."""
 
     def check(self) -> None:

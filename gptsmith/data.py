@@ -75,8 +75,10 @@ def load_meta(folder: Path) -> dict[str, Any] | None:
         with open(path, "rb") as f:
             meta = PlainUnpickler(f).load()
     except UnsafePickle as e:
-        raise UserError(f"{path} refused: {e}; a meta.pkl holds only plain values (re-run the dataset's "
-                        "prepare script, or ask where this one came from)") from None  # fmt: skip
+        raise UserError(
+            f"{path} refused: {e}; a meta.pkl holds only plain values (re-run the dataset's "
+            "prepare script, or ask where this one came from)"
+        ) from None
     except Exception as e:  # truncated or garbage: pickle raises many types
         raise UserError(f"{path} is unreadable ({type(e).__name__}); re-run the dataset's prepare script") from None
     if not isinstance(meta, dict) or not isinstance(meta.get("vocab_size"), int) or meta["vocab_size"] <= 0:

@@ -125,8 +125,15 @@ def _config_from_hf(hf: Any, name: str) -> GPTConfig:
     bad = [f"{key}={getattr(hf, key, None)!r}" for key, unfit in unsupported.items() if unfit]
     if bad:
         raise ValueError(f"{name} is a GPT-2 variant this model cannot reproduce: {', '.join(bad)}")
-    return GPTConfig(block_size=hf.n_positions, vocab_size=hf.vocab_size, n_layer=hf.n_layer, n_head=hf.n_head,
-                     n_embd=hf.n_embd, bias=True, gelu_approximate=HF_GELU[hf.activation_function])  # fmt: skip
+    return GPTConfig(
+        block_size=hf.n_positions,
+        vocab_size=hf.vocab_size,
+        n_layer=hf.n_layer,
+        n_head=hf.n_head,
+        n_embd=hf.n_embd,
+        bias=True,
+        gelu_approximate=HF_GELU[hf.activation_function],
+    )
 
 
 def _first_line(e: Exception) -> str:
@@ -186,8 +193,15 @@ def export(cfg: ExportConfig) -> Path:
         not model.config.is_gpt2()
     ):  # GPT2LMHeadModel has no rotary, RMSNorm, SwiGLU, ... : it would compute another function
         c = model.config
-        options = dict(pos_emb=c.pos_emb, norm=c.norm, activation=c.activation, qk_norm=c.qk_norm,
-                       n_kv_head=c.n_kv_head, tie_weights=c.tie_weights, logit_softcap=c.logit_softcap)  # fmt: skip
+        options = dict(
+            pos_emb=c.pos_emb,
+            norm=c.norm,
+            activation=c.activation,
+            qk_norm=c.qk_norm,
+            n_kv_head=c.n_kv_head,
+            tie_weights=c.tie_weights,
+            logit_softcap=c.logit_softcap,
+        )
         raise UserError(
             f"{path} is not a GPT-2 architecture ({', '.join(f'{k}={v!r}' for k, v in options.items())}); "
             "only models with the default options (pos_emb='learned', norm='layernorm', activation='gelu', "

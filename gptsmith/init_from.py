@@ -40,8 +40,10 @@ def resolve(cfg: Any, explicit: set[str], out_dir: Path, master: bool) -> Start:
     if cfg.init_from == "auto":
         found = ckpt_io.has_checkpoint(out_dir, sharded)
         if master:
-            print(f"init_from=auto: {'resuming from' if found else 'no checkpoint at'} "
-                  f"{ckpt_io.checkpoint_path(out_dir, 'ckpt.pt', sharded)}{'' if found else ', starting from scratch'}")  # fmt: skip
+            print(
+                f"init_from=auto: {'resuming from' if found else 'no checkpoint at'} "
+                f"{ckpt_io.checkpoint_path(out_dir, 'ckpt.pt', sharded)}{'' if found else ', starting from scratch'}"
+            )
         cfg = dataclasses.replace(cfg, init_from="resume" if found else "scratch")
     if cfg.init_from == "resume":
         return Start(*_resume_state(cfg, explicit, out_dir))
@@ -146,8 +148,9 @@ def _pretrained_state(cfg: Any, explicit: set[str]) -> tuple[Any, GPT]:
     return dataclasses.replace(cfg, **changes), model
 
 
-def _adopt_architecture(cfg: Any, explicit: set[str], arch: dict[str, Any], whose: str, fix: str,
-                        smaller_block_ok: bool = False) -> dict[str, Any]:  # fmt: skip
+def _adopt_architecture(
+    cfg: Any, explicit: set[str], arch: dict[str, Any], whose: str, fix: str, smaller_block_ok: bool = False
+) -> dict[str, Any]:
     """The architecture keys to take from a source model: each one not set explicitly; an explicit
     value that disagrees is an error (except, where allowed, a smaller block_size: the model is cropped)."""
     changes = {}

@@ -97,15 +97,18 @@ def duration(seconds: float) -> str:
 
 def print_banner(cfg: Any, run: Any) -> None:
     """What a run is about to do: the keys that differ from the defaults, the model, device, data."""
-    changed = [f"{f.name}={getattr(cfg, f.name)!r}" for f in dataclasses.fields(cfg)
-               if getattr(cfg, f.name) != f.default]  # fmt: skip
+    changed = [
+        f"{f.name}={getattr(cfg, f.name)!r}" for f in dataclasses.fields(cfg) if getattr(cfg, f.name) != f.default
+    ]
     print("config:", ", ".join(changed) or "defaults")
     model, rt = run.raw_model, run.rt
     n_all, n_body = model.get_num_params(non_embedding=False), model.get_num_params()
     print(f"model: {n_all / 1e6:.2f}M parameters ({n_body / 1e6:.2f}M without position embeddings)")
     mode = f" ({cfg.parallel})" if rt.distributed else ""
-    print(f"device: {rt.device}, dtype: {rt.dtype}, world size: {rt.world_size}{mode}, "
-          f"tokens per step: {run.tokens_per_step:,} ({run.micro_per_rank} micro-steps per rank)")  # fmt: skip
+    print(
+        f"device: {rt.device}, dtype: {rt.dtype}, world size: {rt.world_size}{mode}, "
+        f"tokens per step: {run.tokens_per_step:,} ({run.micro_per_rank} micro-steps per rank)"
+    )
     print("data: " + ", ".join(f"{s} {len(d):,} tokens" for s, d in run.data.splits.items()))
     shown = f"{run.peak.flops / 1e12:.3g} TFLOP/s" if run.peak.flops else "unknown, so no MFU"
     print(f"peak: {shown} ({run.peak.source}); {model.flops_per_token() / 1e6:.3g} MFLOP per token")
@@ -123,8 +126,9 @@ def print_summary(s: dict[str, Any], steps: int, out_dir: str) -> None:
     print(f"  tokens seen {s['tokens_seen']:,}; {s['tokens_per_sec']:,.0f} tokens/s while training{mfu}")
     saved = Path(s["checkpoint"])
     best = saved.with_name("best" + saved.suffix)
-    print(f"  checkpoints: {saved if saved.exists() else 'none written'}"
-          + (f", best: {best}" if best.exists() else ""))  # fmt: skip
+    print(
+        f"  checkpoints: {saved if saved.exists() else 'none written'}" + (f", best: {best}" if best.exists() else "")
+    )
     if saved.suffix == ".dcp":
         print(f"  next: python consolidate.py --out_dir={out_dir}, then python sample.py --out_dir={out_dir}")
     else:
@@ -179,8 +183,14 @@ def plot_runs(run_dirs: list[Path], out: Path, title: str = "") -> Path:
             steps = [r["iter"] for r in evals]
             with_train = [r for r in evals if r.get("train_loss") is not None]  # absent with eval_train=False
             if with_train:
-                ax_step.plot([r["iter"] for r in with_train], [r["train_loss"] for r in with_train], color=color,
-                             ls="--", marker=".", label=f"{name} train")  # fmt: skip
+                ax_step.plot(
+                    [r["iter"] for r in with_train],
+                    [r["train_loss"] for r in with_train],
+                    color=color,
+                    ls="--",
+                    marker=".",
+                    label=f"{name} train",
+                )
             ax_step.plot(steps, [r["val_loss"] for r in evals], color=color, marker="o", ms=3, label=f"{name} val")
             tokens = [r["tokens_seen"] for r in evals]
             ax_tokens.plot(tokens, [r["val_loss"] for r in evals], color=color, marker="o", ms=3, label=name)

@@ -42,8 +42,11 @@ class GPTConfig:
 
     def __post_init__(self) -> None:
         """Refuse option values and combinations the model cannot build, with a message saying why."""
-        choices = {"pos_emb": ("learned", "rope"), "norm": ("layernorm", "rmsnorm"),
-                   "activation": ("gelu", "relu2", "swiglu")}  # fmt: skip
+        choices = {
+            "pos_emb": ("learned", "rope"),
+            "norm": ("layernorm", "rmsnorm"),
+            "activation": ("gelu", "relu2", "swiglu"),
+        }
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ValueError(f"{key} must be one of {', '.join(allowed)}; got {getattr(self, key)!r}")
@@ -69,8 +72,15 @@ class GPTConfig:
 
     def is_gpt2(self) -> bool:
         """Whether every modern option is at its GPT-2 default, so the model is a plain GPT-2."""
-        return (self.pos_emb, self.norm, self.activation, self.qk_norm, self.kv_heads, self.tie_weights,
-                self.logit_softcap) == ("learned", "layernorm", "gelu", False, self.n_head, True, 0.0)  # fmt: skip
+        return (
+            self.pos_emb,
+            self.norm,
+            self.activation,
+            self.qk_norm,
+            self.kv_heads,
+            self.tie_weights,
+            self.logit_softcap,
+        ) == ("learned", "layernorm", "gelu", False, self.n_head, True, 0.0)
 
 
 # GPTConfig's modern options: the config keys of train.py and bench.py that carry them over by name.

@@ -46,10 +46,19 @@ class Muon(torch.optim.Optimizer):
     rate (group["lr"]) drive Muon's larger one. Weight decay is decoupled, as in AdamW.
     """
 
-    def __init__(self, params: Any, lr: float = 0.02, lr_scale: float = 1.0, momentum: float = 0.95,
-                 nesterov: bool = True, ns_steps: int = 5, weight_decay: float = 0.0) -> None:  # fmt: skip
-        defaults = dict(lr=lr, lr_scale=lr_scale, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps,
-                        weight_decay=weight_decay)  # fmt: skip
+    def __init__(
+        self,
+        params: Any,
+        lr: float = 0.02,
+        lr_scale: float = 1.0,
+        momentum: float = 0.95,
+        nesterov: bool = True,
+        ns_steps: int = 5,
+        weight_decay: float = 0.0,
+    ) -> None:
+        defaults = dict(
+            lr=lr, lr_scale=lr_scale, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps, weight_decay=weight_decay
+        )
         super().__init__(params, defaults)
         for group in self.param_groups:
             for p in group["params"]:
@@ -160,8 +169,9 @@ def muon_param_split(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Para
     return muon, adamw
 
 
-def adamw(params: Any, weight_decay: float, learning_rate: float, betas: tuple[float, float],
-          device_type: str) -> torch.optim.AdamW:  # fmt: skip
+def adamw(
+    params: Any, weight_decay: float, learning_rate: float, betas: tuple[float, float], device_type: str
+) -> torch.optim.AdamW:
     """AdamW decaying only matrices (>= 2-D: weights, embeddings), not biases and norm gains;
     the fused kernel where this torch has one for the device."""
     params = [p for p in params if p.requires_grad]
@@ -173,25 +183,46 @@ def adamw(params: Any, weight_decay: float, learning_rate: float, betas: tuple[f
     return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused or None)
 
 
-def configure_muon(model: nn.Module, weight_decay: float, learning_rate: float, betas: tuple[float, float],
-                   device_type: str, muon_lr: float = 0.02, muon_momentum: float = 0.95,
-                   ns_steps: int = 5) -> CombinedOptimizer:  # fmt: skip
+def configure_muon(
+    model: nn.Module,
+    weight_decay: float,
+    learning_rate: float,
+    betas: tuple[float, float],
+    device_type: str,
+    muon_lr: float = 0.02,
+    muon_momentum: float = 0.95,
+    ns_steps: int = 5,
+) -> CombinedOptimizer:
     """Muon (peak lr muon_lr) for block matrices, AdamW (peak learning_rate) for the rest; one schedule drives both."""
     muon_params, adamw_params = muon_param_split(model)
-    muon = Muon(muon_params, lr=learning_rate, lr_scale=muon_lr / learning_rate, momentum=muon_momentum,
-                ns_steps=ns_steps, weight_decay=weight_decay)  # fmt: skip
+    muon = Muon(
+        muon_params,
+        lr=learning_rate,
+        lr_scale=muon_lr / learning_rate,
+        momentum=muon_momentum,
+        ns_steps=ns_steps,
+        weight_decay=weight_decay,
+    )
     return CombinedOptimizer(muon, adamw(adamw_params, weight_decay, learning_rate, betas, device_type))
 
 
 def build_optimizer(model: nn.Module, settings: dict[str, Any], device_type: str) -> Any:
     """The optimizer a training config (or its record in a checkpoint, settings) asks for: keys
     optimizer, weight_decay, learning_rate, beta1, beta2, muon_lr, muon_momentum, muon_ns_steps."""
-    common = dict(weight_decay=settings.get("weight_decay", 0.1), learning_rate=settings.get("learning_rate", 6e-4),
-                  betas=(settings.get("beta1", 0.9), settings.get("beta2", 0.95)), device_type=device_type)  # fmt: skip
+    common = dict(
+        weight_decay=settings.get("weight_decay", 0.1),
+        learning_rate=settings.get("learning_rate", 6e-4),
+        betas=(settings.get("beta1", 0.9), settings.get("beta2", 0.95)),
+        device_type=device_type,
+    )
     if settings.get("optimizer", "adamw") == "muon":  # Muon for the blocks' matrices, AdamW for the rest
-        return configure_muon(model, **common, muon_lr=settings.get("muon_lr", 0.02),
-                              muon_momentum=settings.get("muon_momentum", 0.95),
-                              ns_steps=settings.get("muon_ns_steps", 5))  # fmt: skip
+        return configure_muon(
+            model,
+            **common,
+            muon_lr=settings.get("muon_lr", 0.02),
+            muon_momentum=settings.get("muon_momentum", 0.95),
+            ns_steps=settings.get("muon_ns_steps", 5),
+        )
     return adamw(model.parameters(), **common)
 
 

@@ -171,8 +171,11 @@ def _restart_safe_rendezvous(rank: int, world_size: int) -> dict[str, Any]:
         os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size, is_master=False
     )
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-    return {"store": torch.distributed.PrefixStore(f"gptsmith/restart{attempt}", store), "rank": rank,
-            "world_size": world_size}  # fmt: skip
+    return {
+        "store": torch.distributed.PrefixStore(f"gptsmith/restart{attempt}", store),
+        "rank": rank,
+        "world_size": world_size,
+    }
 
 
 def _init_group(backend: str, device: str, **kwargs: Any) -> None:
@@ -218,8 +221,11 @@ def peak_flops(rt: Runtime, configured: float = 0.0, remeasure: bool = False) ->
         return Peak(float(cached), f"measured earlier on this machine, {path}")
     flops, others = measure_matmul_flops(rt.device, rt.ptdtype)
     if others > BUSY_LIMIT:
-        return Peak(None, f"unknown: other processes used {others:.0%} of the CPUs while measuring; "
-                    "set peak_flops, or run again when the machine is idle")  # fmt: skip
+        return Peak(
+            None,
+            f"unknown: other processes used {others:.0%} of the CPUs while measuring; "
+            "set peak_flops, or run again when the machine is idle",
+        )
     _write_json(path, {**_read_json(path), key: flops})
     return Peak(flops, f"measured now, kept in {path}")
 

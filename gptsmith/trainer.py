@@ -34,7 +34,7 @@ from gptsmith import init_from, optim, parallel
 from gptsmith.config import TrainConfig
 from gptsmith.configurator import UserError, cli_errors, read_overrides, show_progress
 from gptsmith.metrics import MetricsLog, Speedometer, duration, print_banner, print_summary, refresh_plot
-from gptsmith.model import GPT, MODEL_OPTIONS, GPTConfig
+from gptsmith.model import GPT
 from gptsmith.optim import get_lr
 from gptsmith.runtime import Peak, Runtime, peak_flops, setup_runtime, teardown
 from gptsmith.sampler import eval_sample
@@ -54,9 +54,13 @@ class TrainState:
     def from_checkpoint(cls, state: dict[str, Any], tokens_per_step: int) -> TrainState:
         """The state a checkpoint records; nanoGPT's lack some keys (and keep best_val_loss as a tensor)."""
         iter_num = state["iter_num"]
-        return cls(iter_num=iter_num, best_val_loss=float(state.get("best_val_loss", math.inf)),
-                   best_iter=state.get("best_iter"), tokens_seen=state.get("tokens_seen", iter_num * tokens_per_step),
-                   evaluated=bool(state.get("evaluated")))  # fmt: skip
+        return cls(
+            iter_num=iter_num,
+            best_val_loss=float(state.get("best_val_loss", math.inf)),
+            best_iter=state.get("best_iter"),
+            tokens_seen=state.get("tokens_seen", iter_num * tokens_per_step),
+            evaluated=bool(state.get("evaluated")),
+        )
 
 
 @dataclass
@@ -149,8 +153,15 @@ def build_run(cfg: TrainConfig, explicit: set[str], rt: Runtime) -> tuple[Run, T
     tokens_per_step = cfg.gradient_accumulation_steps * cfg.micro_tokens()
     state = TrainState()
     if start.state is not None:
-        state = restore(start.state, model=model, optimizer=optimizer, scaler=scaler, rt=rt, cfg=cfg,
-                        tokens_per_step=tokens_per_step)  # fmt: skip
+        state = restore(
+            start.state,
+            model=model,
+            optimizer=optimizer,
+            scaler=scaler,
+            rt=rt,
+            cfg=cfg,
+            tokens_per_step=tokens_per_step,
+        )
     raw_model, forward_model = model, model
     if cfg.compile:
         forward_model = torch.compile(forward_model)
@@ -161,8 +172,18 @@ def build_run(cfg: TrainConfig, explicit: set[str], rt: Runtime) -> tuple[Run, T
         if rt.master:
             peak = peak_flops(rt, cfg.peak_flops)
         log = MetricsLog(out_dir, rt.master, cfg)
-    run = Run(cfg=cfg, rt=rt, data=data, model=forward_model, raw_model=raw_model, model_args=model_args,
-              optimizer=optimizer, scaler=scaler, peak=peak, log=log)  # fmt: skip
+    run = Run(
+        cfg=cfg,
+        rt=rt,
+        data=data,
+        model=forward_model,
+        raw_model=raw_model,
+        model_args=model_args,
+        optimizer=optimizer,
+        scaler=scaler,
+        peak=peak,
+        log=log,
+    )
     if rt.master:
         print_banner(cfg, run)
     return run, state
@@ -185,12 +206,20 @@ def open_data(cfg: TrainConfig, start: init_from.Start) -> TrainData:
                 f"block_size ({cfg.block_size}) is not shorter than the {split} split ({len(tokens)} tokens); "
                 "lower block_size"
             )
-    sampler = ds.BatchSampler(n_tokens=len(splits["train"]), block_size=cfg.block_size, batch_size=cfg.batch_size,
-                              micro_steps=cfg.gradient_accumulation_steps, seed=cfg.seed, mode=cfg.sampler,
-                              example_len=example_len)  # fmt: skip
+    sampler = ds.BatchSampler(
+        n_tokens=len(splits["train"]),
+        block_size=cfg.block_size,
+        batch_size=cfg.batch_size,
+        micro_steps=cfg.gradient_accumulation_steps,
+        seed=cfg.seed,
+        mode=cfg.sampler,
+        example_len=example_len,
+    )
     evaluated = ("train", "val") if cfg.eval_train else ("val",)
-    eval_offsets = {s: ds.eval_offsets(len(splits[s]), cfg.block_size, cfg.batch_size, cfg.eval_iters, example_len)
-                    for s in evaluated}  # fmt: skip
+    eval_offsets = {
+        s: ds.eval_offsets(len(splits[s]), cfg.block_size, cfg.batch_size, cfg.eval_iters, example_len)
+        for s in evaluated
+    }
     return TrainData(meta=meta, vocab_size=vocab_size, splits=splits, sampler=sampler, eval_offsets=eval_offsets)
 
 
@@ -215,18 +244,16 @@ def build_model(cfg: TrainConfig, start: init_from.Start, vocab_size: int, rt: R
     Every rank builds the same initial weights (FSDP shards them as they are, DDP would broadcast
     rank 0's), then reseeds by rank for distinct dropout masks."""
     torch.manual_seed(cfg.seed)
-    model_args = dict(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, block_size=cfg.block_size,
-                      bias=cfg.bias, vocab_size=vocab_size, dropout=cfg.dropout)  # fmt: skip
-    model_args.update({k: getattr(cfg, k) for k in MODEL_OPTIONS})
-    if start.state is not None:  # keys TrainConfig does not have (gelu_approximate) come from the checkpoint
-        model_args = {**start.state["model_args"], **model_args}
     if start.pretrained is not None:
         model = start.pretrained
         if cfg.block_size < model.config.block_size:
             model.crop_block_size(cfg.block_size)
-        model_args = dataclasses.asdict(model.config)
     else:
-        model = GPT(GPTConfig(**model_args))
+        config = cfg.gpt_config(vocab_size, cfg.dropout)
+        if start.state is not None:  # what no config key sets (GPT-2's tanh GELU) comes from the checkpoint
+            config.gelu_approximate = start.state["model_args"].get("gelu_approximate", config.gelu_approximate)
+        model = GPT(config)
+    model_args = dataclasses.asdict(model.config)
     torch.manual_seed(cfg.seed + rt.rank)
     sharded = cfg.parallel == "fsdp"
     if start.state is not None and not sharded:
@@ -243,8 +270,16 @@ def build_model(cfg: TrainConfig, start: init_from.Start, vocab_size: int, rt: R
     return model, model_args
 
 
-def restore(state: dict[str, Any], *, model: GPT, optimizer: Any, scaler: torch.amp.GradScaler, rt: Runtime,
-            cfg: TrainConfig, tokens_per_step: int) -> TrainState:  # fmt: skip
+def restore(
+    state: dict[str, Any],
+    *,
+    model: GPT,
+    optimizer: Any,
+    scaler: torch.amp.GradScaler,
+    rt: Runtime,
+    cfg: TrainConfig,
+    tokens_per_step: int,
+) -> TrainState:
     """Everything but the weights from a checkpoint (under FSDP the weights too): the optimizer's
     moments (its settings stay this run's), the loss scale, the loop state and the random streams."""
     sharded = cfg.parallel == "fsdp"
@@ -262,8 +297,10 @@ def restore(state: dict[str, Any], *, model: GPT, optimizer: Any, scaler: torch.
         if len(rngs) == rt.world_size:  # another world size cannot continue the same dropout streams
             ckpt_io.set_rng_state(rngs[rt.rank])
         elif rt.master:
-            print(f"note: the checkpoint was written by {len(rngs)} processes, this run has {rt.world_size}: "
-                  "same data order, but new dropout random streams")  # fmt: skip
+            print(
+                f"note: the checkpoint was written by {len(rngs)} processes, this run has {rt.world_size}: "
+                "same data order, but new dropout random streams"
+            )
     return TrainState.from_checkpoint(state, tokens_per_step)
 
 
@@ -301,8 +338,15 @@ def fit(run: Run, state: TrainState) -> dict[str, Any]:
                     stop(run, state)
         finally:
             run.log.close()
-    return summarize(run, state, steps=state.iter_num - first_iter, elapsed=time.time() - t_start,
-                     eval_time=eval_time, losses=losses, last=last)  # fmt: skip
+    return summarize(
+        run,
+        state,
+        steps=state.iter_num - first_iter,
+        elapsed=time.time() - t_start,
+        eval_time=eval_time,
+        losses=losses,
+        last=last,
+    )
 
 
 def set_lr(run: Run, iter_num: int) -> float:
@@ -399,8 +443,16 @@ def evaluate(run: Run, state: TrainState, lr: float, elapsed: float) -> dict[str
     state.evaluated = True
     if rt.master:
         print(f"step {state.iter_num}: " + ", ".join(f"{split} loss {v:.4f}" for split, v in losses.items()))
-        run.log.write({"iter": state.iter_num, "train_loss": losses.get("train"), "val_loss": losses["val"], "lr": lr,
-                       "tokens_seen": state.tokens_seen, "elapsed_s": round(elapsed, 3)})  # fmt: skip
+        run.log.write(
+            {
+                "iter": state.iter_num,
+                "train_loss": losses.get("train"),
+                "val_loss": losses["val"],
+                "lr": lr,
+                "tokens_seen": state.tokens_seen,
+                "elapsed_s": round(elapsed, 3),
+            }
+        )
     # Under FSDP every forward pass is collective, so every rank generates the (same) sample.
     if cfg.eval_sample_tokens and (rt.master or run.sharded):
         with ckpt_io.isolated_rng():
@@ -429,8 +481,10 @@ def log_step(run: Run, state: TrainState, loss: torch.Tensor, lr: float, clock: 
     step_loss = loss.item()
     eta = (run.cfg.max_iters - state.iter_num) * dt
     shown = f"{mfu * 100:.2f}%" if mfu is not None else "n/a"
-    print(f"iter {state.iter_num}: loss {step_loss:.4f}, lr {lr:.2e}, time {dt * 1000:.2f}ms, "
-          f"{tps:,.0f} tok/s, mfu {shown}, eta {duration(eta)}")  # fmt: skip
+    print(
+        f"iter {state.iter_num}: loss {step_loss:.4f}, lr {lr:.2e}, time {dt * 1000:.2f}ms, "
+        f"{tps:,.0f} tok/s, mfu {shown}, eta {duration(eta)}"
+    )
     record = {"iter": state.iter_num, "loss": step_loss, "lr": lr, "tokens_per_sec": tps, "mfu": mfu}
     run.log.write(record)
     return record
@@ -444,8 +498,14 @@ def save(run: Run, state: TrainState, name: str) -> None:
     if rt.distributed:
         rngs = [None] * rt.world_size
         torch.distributed.all_gather_object(rngs, ckpt_io.rng_state())
-    train_state = {"scaler": run.scaler.state_dict(), "model_args": run.model_args, **dataclasses.asdict(state),
-                   "config": dataclasses.asdict(run.cfg), **ckpt_io.tokenizer_record(run.data.meta), "rng": rngs}  # fmt: skip
+    train_state = {
+        "scaler": run.scaler.state_dict(),
+        "model_args": run.model_args,
+        **dataclasses.asdict(state),
+        "config": dataclasses.asdict(run.cfg),
+        **ckpt_io.tokenizer_record(run.data.meta),
+        "rng": rngs,
+    }
     if run.sharded:
         train_state["world_size"] = rt.world_size
     path = ckpt_io.checkpoint_path(run.out_dir, name, run.sharded)
@@ -467,8 +527,15 @@ def stop(run: Run, state: TrainState) -> None:
     raise Interrupted(signum, saved_at)
 
 
-def summarize(run: Run, state: TrainState, steps: int, elapsed: float, eval_time: float, losses: dict[str, float],
-              last: dict[str, Any]) -> dict[str, Any]:  # fmt: skip
+def summarize(
+    run: Run,
+    state: TrainState,
+    steps: int,
+    elapsed: float,
+    eval_time: float,
+    losses: dict[str, float],
+    last: dict[str, Any],
+) -> dict[str, Any]:
     """The run's final figures (printed by rank 0 after training)."""
     train_time = max(elapsed - eval_time, 1e-9)
     tps = steps * run.tokens_per_step / train_time if steps else 0.0

@@ -10,20 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from helpers import SHARED, load_script, make_play
+from helpers import SHARED, TINY, load_script, make_play, missing_shared
 
 # tiktoken finds GPT-2's BPE files here when offline (CI sets it too).
 if "TIKTOKEN_CACHE_DIR" not in os.environ and (SHARED / "tiktoken_cache").is_dir():
     os.environ["TIKTOKEN_CACHE_DIR"] = str(SHARED / "tiktoken_cache")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("CI", "true")  # no progress bars in test output
-
-
-def missing_shared(what: str) -> None:
-    """Skip the test for want of a shared asset, or fail under .ci/run, where all must run."""
-    if os.environ.get("GPTSMITH_REQUIRE_SHARED"):
-        pytest.fail(f"{what} (GPTSMITH_REQUIRE_SHARED is set: every test must run)")
-    pytest.skip(what)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -83,26 +76,7 @@ def tiny_cfg(char_data: Path, tmp_path: Path):
     """
     from gptsmith.config import TrainConfig
 
-    base = TrainConfig(
-        dataset=str(char_data),
-        out_dir=str(tmp_path / "out"),
-        device="cpu",
-        compile=False,
-        n_layer=2,
-        n_head=2,
-        n_embd=32,
-        block_size=32,
-        batch_size=8,
-        gradient_accumulation_steps=1,
-        learning_rate=3e-3,
-        min_lr=3e-4,
-        max_iters=20,
-        lr_decay_iters=20,
-        warmup_iters=4,
-        eval_interval=10,
-        eval_iters=4,
-        plot=False,
-    )
+    base = TrainConfig(dataset=str(char_data), out_dir=str(tmp_path / "out"), **TINY)
 
     def make(**overrides):
         return dataclasses.replace(base, **overrides)

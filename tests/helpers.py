@@ -4,15 +4,25 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import random
 import string
 from pathlib import Path
 from types import ModuleType
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 # tiny Shakespeare's 65 characters; the made-up text below uses exactly these, so it prepares alike.
 CHARS = "\n !$&',-.3:;?" + string.ascii_uppercase + string.ascii_lowercase
+
+
+# The tests' tiny run (conftest.tiny_cfg): a model that trains in a second or two on a CPU. Everything
+# not here is the default; why each is pinned: conftest.tiny_cfg.
+TINY = dict(device="cpu", compile=False, n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=8,
+            gradient_accumulation_steps=1, learning_rate=3e-3, min_lr=3e-4, max_iters=20, lr_decay_iters=20,
+            warmup_iters=4, eval_interval=10, eval_iters=4, plot=False)  # fmt: skip
 
 
 def load_script(relpath: str) -> ModuleType:
@@ -48,6 +58,13 @@ def make_play(n_chars: int = 400_000, seed: int = 0) -> str:
     text = "".join(parts)[:n_chars]
     assert set(text) == set(CHARS), sorted(set(CHARS) - set(text))
     return text
+
+
+def missing_shared(what: str) -> None:
+    """Skip the test for want of a shared asset, or fail under .ci/run, where all must run."""
+    if os.environ.get("GPTSMITH_REQUIRE_SHARED"):
+        pytest.fail(f"{what} (GPTSMITH_REQUIRE_SHARED is set: every test must run)")
+    pytest.skip(what)
 
 
 def read_metrics(out_dir: str | Path) -> tuple[list[dict], list[dict]]:

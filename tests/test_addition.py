@@ -215,10 +215,28 @@ def addition_run(tmp_path_factory, addition_data) -> Path:
     out = tmp_path_factory.mktemp("addition_run")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # matrices this small gain nothing from a second thread, and on a busy machine lose a lot
-    cfg = TrainConfig(dataset=str(addition_data), out_dir=str(out), device="cpu", compile=False, n_layer=2,
-                      n_head=4, n_embd=64, block_size=LENGTH, batch_size=64, learning_rate=1e-2, min_lr=1e-3,
-                      beta2=0.99, max_iters=300, lr_decay_iters=300, warmup_iters=20, eval_interval=300,
-                      eval_iters=2, log_interval=50, plot=False, gradient_accumulation_steps=1)  # fmt: skip
+    cfg = TrainConfig(
+        dataset=str(addition_data),
+        out_dir=str(out),
+        device="cpu",
+        compile=False,
+        n_layer=2,
+        n_head=4,
+        n_embd=64,
+        block_size=LENGTH,
+        batch_size=64,
+        learning_rate=1e-2,
+        min_lr=1e-3,
+        beta2=0.99,
+        max_iters=300,
+        lr_decay_iters=300,
+        warmup_iters=20,
+        eval_interval=300,
+        eval_iters=2,
+        log_interval=50,
+        plot=False,
+        gradient_accumulation_steps=1,
+    )
     try:
         summary = train(cfg)
     finally:
@@ -290,8 +308,16 @@ def read_records(out_dir: str) -> list[dict]:
 def test_init_from_checkpoint_starts_a_fresh_run(tiny_cfg, tmp_path, source_run):
     source_ckpt = Path(source_run.out_dir) / "ckpt.pt"
     before = source_ckpt.read_bytes()
-    cfg = tiny_cfg(init_from=str(source_ckpt), out_dir=str(tmp_path / "finetune"), max_iters=4, lr_decay_iters=4,
-                   eval_interval=4, learning_rate=1e-3, min_lr=1e-4, warmup_iters=2)  # fmt: skip
+    cfg = tiny_cfg(
+        init_from=str(source_ckpt),
+        out_dir=str(tmp_path / "finetune"),
+        max_iters=4,
+        lr_decay_iters=4,
+        eval_interval=4,
+        learning_rate=1e-3,
+        min_lr=1e-4,
+        warmup_iters=2,
+    )
 
     _, model = init_from._pretrained_state(cfg, set())
     weights = ckpt_io.load_checkpoint(source_ckpt)["model"]
@@ -337,8 +363,11 @@ def test_init_from_refuses_another_vocabulary(tiny_cfg, tmp_path, source_run, ad
     chars = list(meta["stoi"])[::-1]  # the same 65 characters, other ids
     rewrite_meta(shuffled, stoi={c: i for i, c in enumerate(chars)}, itos=dict(enumerate(chars)))
     with pytest.raises(UserError, match="not the same characters"):
-        train(dataclasses.replace(source_run, init_from=source_run.out_dir, dataset=str(shuffled),
-                                  out_dir=str(tmp_path / "b")))  # fmt: skip
+        train(
+            dataclasses.replace(
+                source_run, init_from=source_run.out_dir, dataset=str(shuffled), out_dir=str(tmp_path / "b")
+            )
+        )
 
 
 @pytest.mark.slow

@@ -46,8 +46,15 @@ def test_bench_sample_counts_every_sequence_of_a_batch(capsys):
 
 
 def test_bench_takes_the_model_options(capsys):
-    options = dict(pos_emb="rope", norm="rmsnorm", activation="swiglu", qk_norm=True, n_kv_head=1,
-                   tie_weights=False, logit_softcap=10.0)  # fmt: skip
+    options = dict(
+        pos_emb="rope",
+        norm="rmsnorm",
+        activation="swiglu",
+        qk_norm=True,
+        n_kv_head=1,
+        tie_weights=False,
+        logit_softcap=10.0,
+    )
     result = bench(BenchConfig(what="train", batch_size=2, steps=1, warmup=0, **options, **TINY))
     assert result["tokens_per_sec"] > 0
     with pytest.raises(UserError, match="n_kv_head"):

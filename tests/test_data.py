@@ -172,8 +172,13 @@ def test_tests_needing_shared_files_skip_without_them_except_under_ci(tmp_path):
     env["GPTSMITH_SHAKESPEARE"] = str(tmp_path / "nowhere.txt")
 
     def run(**extra) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", target],
-                              cwd=ROOT, env={**env, **extra}, capture_output=True, text=True)  # fmt: skip
+        return subprocess.run(
+            [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", target],
+            cwd=ROOT,
+            env={**env, **extra},
+            capture_output=True,
+            text=True,
+        )
 
     skipped = run()
     assert skipped.returncode == 0 and "1 skipped" in skipped.stdout and "tiny Shakespeare not found" in skipped.stdout

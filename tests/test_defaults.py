@@ -13,8 +13,18 @@ from gptsmith import runtime
 from gptsmith.trainer import main as train_main
 
 # README's "On a CPU" command, shortened to 10 steps with an eval every 5.
-CPU_RECIPE = ["config/shakespeare_char.py", "--device=cpu", "--compile=False", "--eval_iters=20", "--log_interval=1",
-              "--block_size=64", "--batch_size=12", "--n_layer=4", "--n_head=4", "--n_embd=128"]  # fmt: skip
+CPU_RECIPE = [
+    "config/shakespeare_char.py",
+    "--device=cpu",
+    "--compile=False",
+    "--eval_iters=20",
+    "--log_interval=1",
+    "--block_size=64",
+    "--batch_size=12",
+    "--n_layer=4",
+    "--n_head=4",
+    "--n_embd=128",
+]
 
 
 @pytest.mark.slow

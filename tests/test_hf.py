@@ -35,8 +35,9 @@ def hf_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch.manual_seed(0)
     # Large initial weights make the MLP's inputs O(1), where exact GELU and GPT-2's tanh form
     # differ by ~1e-3 in the logits: a wrong activation would fail the 1e-4 comparisons.
-    config = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=64, vocab_size=50257,
-                                     initializer_range=0.2)  # fmt: skip
+    config = transformers.GPT2Config(
+        n_layer=2, n_head=2, n_embd=32, n_positions=64, vocab_size=50257, initializer_range=0.2
+    )
     path = tmp_path_factory.mktemp("hf-gpt2")
     transformers.GPT2LMHeadModel(config).save_pretrained(path)
     return path
@@ -70,9 +71,22 @@ def our_logits(model: GPT, idx: torch.Tensor) -> torch.Tensor:
 
 def finetune_cfg(hf: Path, data: Path, out: Path, **overrides) -> tuple[TrainConfig, set[str]]:
     """A TrainConfig from pretrained weights, and the keys it sets explicitly (as a config file would)."""
-    settings = dict(init_from=str(hf), dataset=str(data), out_dir=str(out), block_size=32, batch_size=4,
-                    max_iters=3, eval_interval=3, eval_iters=2, log_interval=1, learning_rate=3e-5, decay_lr=False,
-                    device="cpu", compile=False, gradient_accumulation_steps=1)  # fmt: skip
+    settings = dict(
+        init_from=str(hf),
+        dataset=str(data),
+        out_dir=str(out),
+        block_size=32,
+        batch_size=4,
+        max_iters=3,
+        eval_interval=3,
+        eval_iters=2,
+        log_interval=1,
+        learning_rate=3e-5,
+        decay_lr=False,
+        device="cpu",
+        compile=False,
+        gradient_accumulation_steps=1,
+    )
     settings.update(overrides)
     return TrainConfig(**settings), set(settings)
 
@@ -217,8 +231,13 @@ def test_cli_errors_are_one_line(tmp_path, hf_dir, capsys):
     assert err.startswith("error: ") and err.count("\n") == 1 and "not GPT-2" in err
     # One real process, on the cheapest failure: export of a checkpoint that does not exist.
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    r = subprocess.run([sys.executable, "export_hf.py", f"--out_dir={tmp_path / 'none'}", f"--hf_dir={tmp_path / 'hf'}"],
-                       cwd=ROOT, capture_output=True, text=True, env=env)  # fmt: skip
+    r = subprocess.run(
+        [sys.executable, "export_hf.py", f"--out_dir={tmp_path / 'none'}", f"--hf_dir={tmp_path / 'hf'}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert r.returncode == 2
     assert r.stderr.startswith("error: no checkpoint") and r.stderr.count("\n") == 1
 
@@ -229,8 +248,9 @@ def test_cli_errors_are_one_line(tmp_path, hf_dir, capsys):
 @pytest.mark.parametrize("bias,gelu,vocab", [(False, "none", 50304), (True, "tanh", 65)])
 def test_export_round_trip(tmp_path, bias, gelu, vocab):
     torch.manual_seed(3)
-    model = GPT(GPTConfig(block_size=24, vocab_size=vocab, n_layer=2, n_head=2, n_embd=32, bias=bias,
-                          gelu_approximate=gelu))  # fmt: skip
+    model = GPT(
+        GPTConfig(block_size=24, vocab_size=vocab, n_layer=2, n_head=2, n_embd=32, bias=bias, gelu_approximate=gelu)
+    )
     with torch.no_grad():  # move every weight, biases and norm gains included, off its initial value
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.3)

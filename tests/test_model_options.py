@@ -18,8 +18,15 @@ from gptsmith.model import GPT, GPTConfig, KVCache, swiglu_hidden
 from gptsmith.optim import CombinedOptimizer, Muon, configure_muon, get_lr, muon_param_split, newton_schulz
 from gptsmith.trainer import train
 
-MODERN = dict(pos_emb="rope", norm="rmsnorm", activation="swiglu", qk_norm=True, n_kv_head=2, tie_weights=False,
-              logit_softcap=15.0)  # fmt: skip
+MODERN = dict(
+    pos_emb="rope",
+    norm="rmsnorm",
+    activation="swiglu",
+    qk_norm=True,
+    n_kv_head=2,
+    tie_weights=False,
+    logit_softcap=15.0,
+)
 OPTIONS = {
     "rope": dict(pos_emb="rope"),
     "rmsnorm": dict(norm="rmsnorm"),
@@ -83,7 +90,7 @@ def test_kv_cache_generate_equals_naive_generate(options, temperature, top_k):
             top_k=top_k,
             generator=torch.Generator().manual_seed(42),
             use_cache=use_cache,
-        )  # fmt: skip
+        )
         for use_cache in (True, False)
     ]
     assert out[0].shape == (2, 33) and torch.equal(out[0], out[1])
@@ -219,8 +226,9 @@ def test_resume_takes_options_from_the_checkpoint_and_old_checkpoints_mean_defau
 def test_export_refuses_a_non_gpt2_architecture(tmp_path):
     model = tiny(pos_emb="rope", norm="rmsnorm")
     args = dataclasses.asdict(model.config)
-    ckpt_io.save_checkpoint({"model": model.state_dict(), "model_args": args, "iter_num": 0, "config": {}},
-                            tmp_path / "ckpt.pt")  # fmt: skip
+    ckpt_io.save_checkpoint(
+        {"model": model.state_dict(), "model_args": args, "iter_num": 0, "config": {}}, tmp_path / "ckpt.pt"
+    )
     with pytest.raises(UserError, match="not a GPT-2 architecture.*pos_emb='rope'"):
         export(ExportConfig(out_dir=str(tmp_path), hf_dir=str(tmp_path / "hf")))
     assert not (tmp_path / "hf").exists()
@@ -309,8 +317,15 @@ def test_muon_with_fsdp_and_unknown_optimizers_are_refused():
 
 
 def test_wsd_schedule_at_its_boundaries():
-    cfg = TrainConfig(lr_schedule="wsd", learning_rate=1.0, min_lr=0.1, warmup_iters=10, lr_decay_iters=100,
-                      max_iters=100, decay_frac=0.2)  # fmt: skip
+    cfg = TrainConfig(
+        lr_schedule="wsd",
+        learning_rate=1.0,
+        min_lr=0.1,
+        warmup_iters=10,
+        lr_decay_iters=100,
+        max_iters=100,
+        decay_frac=0.2,
+    )
     assert get_lr(0, cfg) == pytest.approx(1 / 11)  # warmup starts above zero
     assert get_lr(9, cfg) == pytest.approx(10 / 11)  # the last warmup step
     assert get_lr(10, cfg) == 1.0 and get_lr(79, cfg) == 1.0  # stable

@@ -70,12 +70,38 @@ beta2 = 0.99
 warmup_iters = 100
 """
 # nanoGPT's train.py defaults, which its config files rely on.
-NANOGPT_DEFAULTS = dict(out_dir="out", eval_interval=2000, log_interval=1, eval_iters=200, eval_only=False,
-                        always_save_checkpoint=True, init_from="scratch", wandb_log=False, wandb_project="owt",
-                        wandb_run_name="gpt2", dataset="openwebtext", gradient_accumulation_steps=40, batch_size=12,
-                        block_size=1024, n_layer=12, n_head=12, n_embd=768, dropout=0.0, bias=False,
-                        learning_rate=6e-4, max_iters=600000, weight_decay=0.1, beta1=0.9, beta2=0.95, grad_clip=1.0,
-                        decay_lr=True, warmup_iters=2000, lr_decay_iters=600000, min_lr=6e-5, compile=True)  # fmt: skip
+NANOGPT_DEFAULTS = dict(
+    out_dir="out",
+    eval_interval=2000,
+    log_interval=1,
+    eval_iters=200,
+    eval_only=False,
+    always_save_checkpoint=True,
+    init_from="scratch",
+    wandb_log=False,
+    wandb_project="owt",
+    wandb_run_name="gpt2",
+    dataset="openwebtext",
+    gradient_accumulation_steps=40,
+    batch_size=12,
+    block_size=1024,
+    n_layer=12,
+    n_head=12,
+    n_embd=768,
+    dropout=0.0,
+    bias=False,
+    learning_rate=6e-4,
+    max_iters=600000,
+    weight_decay=0.1,
+    beta1=0.9,
+    beta2=0.95,
+    grad_clip=1.0,
+    decay_lr=True,
+    warmup_iters=2000,
+    lr_decay_iters=600000,
+    min_lr=6e-5,
+    compile=True,
+)
 
 
 def config_from(tmp_path: Path, text: str, *overrides: str) -> TrainConfig:
@@ -108,8 +134,18 @@ def test_nanogpt_train_gpt2_config_trains_on_openwebtext_from_the_current_folder
     (tmp_path / "config").mkdir()
     (tmp_path / "config" / "train_gpt2.py").write_text(NANOGPT_TRAIN_GPT2)
     monkeypatch.chdir(tmp_path)
-    tiny = ["--n_layer=1", "--n_head=2", "--n_embd=16", "--block_size=16", "--batch_size=2", "--max_iters=1",
-            "--eval_iters=1", "--wandb_log=False", "--device=cpu", "--compile=False"]  # fmt: skip
+    tiny = [
+        "--n_layer=1",
+        "--n_head=2",
+        "--n_embd=16",
+        "--block_size=16",
+        "--batch_size=2",
+        "--max_iters=1",
+        "--eval_iters=1",
+        "--wandb_log=False",
+        "--device=cpu",
+        "--compile=False",
+    ]
     train_main(["config/train_gpt2.py", *tiny])
     out = capsys.readouterr().out
     assert "tokens per step: 1,280 (40 micro-steps per rank)" in out  # 40 x 2 x 16: nanoGPT's accumulation
@@ -149,8 +185,13 @@ def test_nanogpt_checkpoint_without_its_meta_pkl_is_one_clear_error(nanogpt_run,
     monkeypatch.chdir(tmp_path)  # no data/shakespeare_char here
     with pytest.raises(UserError, match=r"records no vocabulary.*65 tokens.*--dataset="):
         sample(SampleConfig(out_dir=str(nanogpt_run), device="cpu", num_samples=1, max_new_tokens=5))
-    r = subprocess.run([sys.executable, str(ROOT / "sample.py"), f"--out_dir={nanogpt_run}", "--device=cpu"],
-                       cwd=tmp_path, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})  # fmt: skip
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "sample.py"), f"--out_dir={nanogpt_run}", "--device=cpu"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     assert r.returncode == 2 and r.stderr.startswith("error: ") and r.stderr.count("\n") == 1, r.stderr
 
 
@@ -177,15 +218,17 @@ def test_resume_a_nanogpt_run(nanogpt_run, tiny_cfg, char_data, tmp_path, monkey
     (tmp_path / "data").mkdir()
     shutil.copytree(char_data, tmp_path / "data" / "shakespeare_char")
     monkeypatch.chdir(tmp_path)
-    cfg = tiny_cfg(init_from="resume", out_dir=str(nanogpt_run), dataset="shakespeare_char", max_iters=14,
-                   lr_decay_iters=14)  # fmt: skip
+    cfg = tiny_cfg(
+        init_from="resume", out_dir=str(nanogpt_run), dataset="shakespeare_char", max_iters=14, lr_decay_iters=14
+    )
     summary = train(cfg, {"init_from", "max_iters"})
     assert summary["iter"] == 14 and isinstance(summary["best_val_loss"], float)
     assert ckpt_io.load_checkpoint(nanogpt_run / "ckpt.pt")["tokenizer"] == "meta"  # recorded from now on
 
 
-def test_checkpoints_that_record_their_tokenizer_never_read_the_dataset_folder(tiny_cfg, char_data, tmp_path,
-                                                                                monkeypatch):  # fmt: skip
+def test_checkpoints_that_record_their_tokenizer_never_read_the_dataset_folder(
+    tiny_cfg, char_data, tmp_path, monkeypatch
+):
     (tmp_path / "data" / "mine").mkdir(parents=True)
     for name in ("train.bin", "val.bin", "meta.pkl"):
         shutil.copy(char_data / name, tmp_path / "data" / "mine" / name)
@@ -233,8 +276,13 @@ def test_sample_window_key(tmp_path):
     model = position_driven_model()
     chars = "abcdefghijk"
     meta = {"vocab_size": 11, "stoi": {c: i for i, c in enumerate(chars)}, "itos": dict(enumerate(chars))}
-    state = {"model": model.state_dict(), "model_args": vars(model.config), "iter_num": 0, "config": {},
-             **ckpt_io.tokenizer_record(meta)}  # fmt: skip
+    state = {
+        "model": model.state_dict(),
+        "model_args": vars(model.config),
+        "iter_num": 0,
+        "config": {},
+        **ckpt_io.tokenizer_record(meta),
+    }
     ckpt_io.save_checkpoint(state, tmp_path / "ckpt.pt")
     kw = dict(out_dir=str(tmp_path), device="cpu", num_samples=1, max_new_tokens=40, start="cab", temperature=0.0)
     reference = nanogpt_greedy(model, torch.tensor([[2, 0, 1]]), 40)[0]
@@ -268,8 +316,14 @@ def test_meta_pkl_that_would_run_code_is_refused(tiny_cfg, char_data, tmp_path, 
     before = (data / "meta.pkl").read_bytes()
     cfg = tiny_cfg(dataset=str(data))
     tiny = [f"--{k}={v}" for k, v in vars(cfg).items()]
-    r = subprocess.run([sys.executable, str(ROOT / "train.py"), *tiny], capture_output=True, text=True, cwd=tmp_path,
-                       env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)  # fmt: skip
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *tiny],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        timeout=300,
+    )
     assert r.returncode == 2 and r.stderr.startswith("error: ") and r.stderr.count("\n") == 1, r.stderr
     assert "would run code" in r.stderr and not marker.exists()
     with pytest.raises(UserError, match="would run code"):

@@ -31,12 +31,11 @@ from gptsmith.runtime import setup_runtime, teardown
 from gptsmith.sampler import sample
 from gptsmith.trainer import main as train_main
 from gptsmith.trainer import train
-from helpers import ROOT, nan_after, read_metrics
+from helpers import ROOT, TINY, nan_after, read_metrics
 
 # A tiny model, 4 micro-steps per optimizer step (2 per process on 2), 3 eval batches (uneven over 2).
-SMALL = dict(device="cpu", compile=False, n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=8, dropout=0.0,
-             bias=False, learning_rate=3e-3, min_lr=3e-4, warmup_iters=4, lr_decay_iters=10, max_iters=8,
-             eval_interval=4, eval_iters=3, gradient_accumulation_steps=4, log_interval=1, plot=False)  # fmt: skip
+SMALL = {**TINY, "lr_decay_iters": 10, "max_iters": 8, "eval_interval": 4, "eval_iters": 3,
+         "gradient_accumulation_steps": 4}  # fmt: skip
 
 
 def small_cfg(char_data: Path, out_dir: Path, **overrides) -> TrainConfig:
@@ -135,8 +134,11 @@ def test_consolidated_checkpoint_is_ordinary_and_samples(runs, capsys):
     assert set(state) == set(single) - {"optimizer"}
     assert state["model"].keys() == single["model"].keys()  # no _orig_mod. or FSDP prefixes
     assert state["iter_num"] == 8 and state["meta"]["vocab_size"] == 65
-    texts = sample(SampleConfig(out_dir=str(runs / "fsdp"), ckpt="best.pt", device="cpu", num_samples=2,
-                                max_new_tokens=20, start="ROMEO:"))  # fmt: skip
+    texts = sample(
+        SampleConfig(
+            out_dir=str(runs / "fsdp"), ckpt="best.pt", device="cpu", num_samples=2, max_new_tokens=20, start="ROMEO:"
+        )
+    )
     assert len(texts) == 2 and all(t.startswith("ROMEO:") and len(t) == 26 for t in texts)
 
 
@@ -298,8 +300,16 @@ def test_total_batch_size_in_training(tiny_cfg, capsys):
 def test_total_batch_size_error_on_the_command_line(tiny_cfg, capsys):
     cfg = tiny_cfg()
     with pytest.raises(SystemExit) as exit_info:
-        train_main([f"--dataset={cfg.dataset}", "--batch_size=8", "--block_size=32", "--total_batch_size=1000",
-                    "--device=cpu", f"--out_dir={cfg.out_dir}"])  # fmt: skip
+        train_main(
+            [
+                f"--dataset={cfg.dataset}",
+                "--batch_size=8",
+                "--block_size=32",
+                "--total_batch_size=1000",
+                "--device=cpu",
+                f"--out_dir={cfg.out_dir}",
+            ]
+        )
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.startswith("error: total_batch_size (1000) must be a multiple of batch_size")
 
@@ -344,15 +354,35 @@ def test_a_killed_worker_is_restarted_and_the_run_ends_as_if_never_killed(char_d
     last checkpoint, and the restarted round must rendezvous cleanly (see runtime._restart_safe_rendezvous)."""
     if not Path("/proc/self/task").is_dir():
         pytest.skip("needs /proc to find the workers")
-    cfg = small_cfg(char_data, tmp_path / "x", parallel=mode, dropout=0.1, max_iters=40, lr_decay_iters=40,
-                    eval_interval=10, gradient_accumulation_steps=2, init_from="auto")  # fmt: skip
+    cfg = small_cfg(
+        char_data,
+        tmp_path / "x",
+        parallel=mode,
+        dropout=0.1,
+        max_iters=40,
+        lr_decay_iters=40,
+        eval_interval=10,
+        gradient_accumulation_steps=2,
+        init_from="auto",
+    )
     args = [f"--{k}={v}" for k, v in dataclasses.asdict(cfg).items() if k != "out_dir"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     finals = {}
     for name, kill in (("straight", False), ("killed", True)):
         out = tmp_path / name
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--max-restarts=2",
-               "--monitor-interval=0.5", "train.py", *args, f"--out_dir={out}", "--backend=gloo"]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            "--max-restarts=2",
+            "--monitor-interval=0.5",
+            "train.py",
+            *args,
+            f"--out_dir={out}",
+            "--backend=gloo",
+        ]
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         lines, kills = [], ["iter 25:", "iter 35:"] if kill else []  # past the checkpoints at steps 20 and 30
         for line in proc.stdout:

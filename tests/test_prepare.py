@@ -100,8 +100,16 @@ def test_openwebtext_text_field_and_seed(owt, enc, tmp_path):
     runs = []
     for seed, name in ((1, "a"), (1, "b"), (2, "c")):
         out = tmp_path / name
-        owt.main([f"--data_files={tmp_path / 'c.jsonl'}", "--text_field=body", f"--out_dir={out}", "--num_proc=1",
-                  "--val_fraction=0.5", f"--seed={seed}"])  # fmt: skip
+        owt.main(
+            [
+                f"--data_files={tmp_path / 'c.jsonl'}",
+                "--text_field=body",
+                f"--out_dir={out}",
+                "--num_proc=1",
+                "--val_fraction=0.5",
+                f"--seed={seed}",
+            ]
+        )
         runs.append(documents(tokens(out / "val.bin"), enc))
     assert runs[0] == runs[1] and len(runs[0]) == 3
     assert runs[0] != runs[2]  # the seed picks the val documents (6 choose 3: a clash is unlikely, and fixed)

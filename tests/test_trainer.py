@@ -142,8 +142,9 @@ def test_resume_takes_architecture_from_checkpoint(tiny_cfg):
     cfg = tiny_cfg(max_iters=4, eval_interval=4)
     train(cfg)
     # Defaults (12 layers, 768 wide) must not override the checkpoint's architecture...
-    resumed = TrainConfig(**{**cfg.__dict__, "n_layer": 12, "n_embd": 768, "n_head": 12, "init_from": "resume",
-                             "max_iters": 6})  # fmt: skip
+    resumed = TrainConfig(
+        **{**cfg.__dict__, "n_layer": 12, "n_embd": 768, "n_head": 12, "init_from": "resume", "max_iters": 6}
+    )
     summary = train(resumed, explicit={"init_from", "max_iters"})
     assert summary["iter"] == 6
     # ...but an explicit override that conflicts with it is refused.
@@ -351,8 +352,14 @@ def test_what_only_watches_training_does_not_change_it(tiny_cfg, tmp_path, monke
     plain = tiny_cfg(out_dir=str(tmp_path / "plain"), peak_flops=1e11, **kw)
     train(plain)
     monkeypatch.setenv("GPTSMITH_CACHE_DIR", str(tmp_path / "empty-cache"))
-    watched = tiny_cfg(out_dir=str(tmp_path / "watched"), eval_sample_tokens=16, plot=True, wandb_log=True,
-                       wandb_run_name="watched", **kw)  # fmt: skip
+    watched = tiny_cfg(
+        out_dir=str(tmp_path / "watched"),
+        eval_sample_tokens=16,
+        plot=True,
+        wandb_log=True,
+        wandb_run_name="watched",
+        **kw,
+    )
     monkeypatch.chdir(tmp_path)  # wandb's offline folder
     train(watched)
     a, b = final_params(plain.out_dir), final_params(watched.out_dir)
