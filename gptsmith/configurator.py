@@ -106,7 +106,10 @@ def read_config_file(path: str) -> dict[str, Any]:
     """Run a config file in its own namespace and return the names it assigns."""
     p = Path(path)
     if not p.is_file():
-        raise UserError(f"config file {path} not found")
+        siblings = [c.name for c in p.parent.glob("*.py")] if p.parent.is_dir() else []
+        close = difflib.get_close_matches(p.name, siblings, n=1)
+        hint = f"; did you mean {p.parent / close[0]}?" if close else ""
+        raise UserError(f"config file {path} not found{hint}")
     try:
         source = p.read_text()
     except (OSError, UnicodeDecodeError) as e:
@@ -160,9 +163,17 @@ def load_config(cls: Callable[..., T], argv: list[str] | None = None) -> T:
     return cls(**read_overrides(cls, argv))
 
 
+def program_name() -> str:
+    """How the user started this command: 'python train.py', 'gptsmith-train', ..."""
+    name = Path(sys.argv[0]).name
+    if name == "__main__.py":
+        return f"python -m {Path(sys.argv[0]).parent.name}"
+    return f"python {name}" if name.endswith(".py") else name
+
+
 def help_text(cls: type) -> str:
     """Every key with its type, default and one-line meaning."""
-    lines = [(cls.__doc__ or "").strip(), "", "usage: [CONFIG.py ...] [--key=value ...]", ""]
+    lines = [(cls.__doc__ or "").strip(), "", f"usage: {program_name()} [CONFIG.py ...] [--key=value ...]", ""]
     types_ = _field_types(cls)
     fields = [f for f in dataclasses.fields(cls) if f.init]
     width = max(len(f.name) for f in fields)

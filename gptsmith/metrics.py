@@ -65,9 +65,12 @@ class MetricsLog:
 class Speedometer:
     """Training time per step for the log lines: the time since the last mark over the steps since
     then. An evaluation marks the clock again (its time is not training time), so a line after one,
-    or after a resume at a step that is not a multiple of log_interval, covers fewer steps."""
+    or after a resume at a step that is not a multiple of log_interval, covers fewer steps. The time
+    left is estimated from a moving average, without the first lap (compilation, warm-up), so it
+    does not swing with each line."""
 
     def __init__(self, iter_num: int) -> None:
+        self.laps, self.average = 0, 0.0
         self.mark(iter_num)
 
     def mark(self, iter_num: int) -> None:
@@ -78,7 +81,15 @@ class Speedometer:
         now = time.perf_counter()
         dt = (now - self.t) / max(1, iter_num - self.iter_num)
         self.t, self.iter_num = now, iter_num
+        self.laps += 1
+        if self.laps <= 2:  # the first lap stands in only until the second replaces it
+            self.average = dt
+        else:
+            self.average += 0.1 * (dt - self.average)
         return dt
+
+    def eta(self, steps_left: int) -> float:
+        return steps_left * self.average
 
 
 def refresh_plot(out_dir: Path) -> None:

@@ -411,8 +411,10 @@ def estimate_loss(run: Run) -> dict[str, float] | None:
         total = torch.zeros(2, dtype=torch.float64, device=rt.device)  # (loss * tokens, tokens)
         n_batches = len(offsets)
         rounds = -(-n_batches // rt.world_size)
-        long_eval = rounds >= 500 and rt.master and show_progress()  # e.g. eval_iters=0 on a big split
-        for r in tqdm(range(rounds), desc=f"eval {split}", unit="batch", leave=False, disable=not long_eval):
+        # A bar for evaluations that take a while (eval_iters=0 on a big split, a big model on a CPU).
+        bar = tqdm(range(rounds), desc=f"eval {split}", unit="batch", leave=False, delay=5.0,
+                   disable=not (rt.master and show_progress()))  # fmt: skip
+        for r in bar:
             if _any_rank(bool(run.caught), rt):
                 model.train()
                 return None
@@ -479,7 +481,7 @@ def log_step(run: Run, state: TrainState, loss: torch.Tensor, lr: float, clock: 
     tps = run.tokens_per_step / dt
     mfu = run.peak.mfu(run.raw_model.flops_per_token() * tps / run.rt.world_size)
     step_loss = loss.item()
-    eta = (run.cfg.max_iters - state.iter_num) * dt
+    eta = clock.eta(run.cfg.max_iters - state.iter_num)
     shown = f"{mfu * 100:.2f}%" if mfu is not None else "n/a"
     print(
         f"iter {state.iter_num}: loss {step_loss:.4f}, lr {lr:.2e}, time {dt * 1000:.2f}ms, "

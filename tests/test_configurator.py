@@ -381,3 +381,18 @@ def test_entry_points_report_user_errors_as_one_line_and_exit_2(cli_results, cas
     assert len(lines) == 1 and err.endswith("\n"), err
     assert lines[0].startswith("error: ")
     assert CLI_CASES[case][1] in lines[0]
+
+
+def test_a_mistyped_config_file_gets_a_suggestion(tmp_path):
+    (tmp_path / "shakespeare_char.py").write_text("batch_size = 2\n")
+    with pytest.raises(
+        UserError, match=r"config file .*shakespeare_chr\.py not found; did you mean .*shakespeare_char\.py\?"
+    ):
+        read_overrides(Cfg, [str(tmp_path / "shakespeare_chr.py")])
+
+
+def test_help_names_the_program(monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["/somewhere/train.py"])
+    assert "usage: python train.py [CONFIG.py ...]" in configurator.help_text(Cfg)
+    monkeypatch.setattr(sys, "argv", ["/venv/bin/gptsmith-sample"])
+    assert "usage: gptsmith-sample [CONFIG.py ...]" in configurator.help_text(Cfg)

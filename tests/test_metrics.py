@@ -204,3 +204,19 @@ def test_bad_input_is_one_error_line(tmp_path, capsys, setup, args, message):
     assert info.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and message in err
+
+
+def test_time_left_is_smoothed_and_leaves_out_the_first_interval(monkeypatch):
+    from gptsmith import metrics
+
+    now = {"t": 0.0}
+    monkeypatch.setattr(metrics.time, "perf_counter", lambda: now["t"])
+    clock = metrics.Speedometer(0)
+    laps = []
+    for it, seconds in enumerate([30.0, 1.0, 1.0, 3.0, 1.0], start=1):  # a slow first step (compilation), a hiccup
+        now["t"] += seconds
+        laps.append(clock.lap(it))
+        if it == 1:
+            assert clock.eta(100) == 3000.0  # only the first interval is known yet
+    assert laps == [30.0, 1.0, 1.0, 3.0, 1.0]
+    assert clock.eta(100) == pytest.approx(100 * 1.18)  # 1, then 1 + 0.1 * (3 - 1) = 1.2, then 1.2 - 0.02

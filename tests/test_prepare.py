@@ -301,7 +301,7 @@ def test_text_default_location_is_data_name(text_script, tmp_path, monkeypatch, 
     text_script.main([f"--input={tmp_path / 'in.txt'}", "--name=mine"])
     assert sorted(p.name for p in (tmp_path / "data" / "mine").iterdir()) == ["meta.pkl", "train.bin", "val.bin"]
     captured = capsys.readouterr()
-    assert "python train.py --dataset=mine" in captured.out
+    assert "python train.py config/shakespeare_char.py --dataset=mine --out_dir=out-mine" in captured.out
     assert "warning: val.bin gets only" in captured.err  # 210 val tokens are fewer than a 1024 block
 
 

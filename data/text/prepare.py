@@ -4,7 +4,7 @@
                                 [--val_fraction=0.1] [--out_dir=DIR]
 
 writes data/NAME/train.bin and val.bin (uint16), plus meta.pkl for the char tokenizer; then
-`python train.py --dataset=NAME`. Several files (a glob, e.g. 'notes/**/*.txt') are joined in sorted
+`python train.py config/shakespeare_char.py --dataset=NAME`. Several files (a glob, e.g. 'notes/**/*.txt') are joined in sorted
 order: with gpt2 each file ends with <|endoftext|>, with char a newline separates them. The last
 val_fraction of the tokens becomes val.bin. For corpora too big for memory use data/openwebtext.
 """
@@ -28,7 +28,7 @@ DEFAULT_BLOCK_SIZE = 1024  # train.py's default context length: val.bin should b
 
 @dataclass
 class TextConfig:
-    """Turn your own text files into data/NAME/ for `python train.py --dataset=NAME`."""
+    """Turn your own text files into data/NAME/ for `python train.py CONFIG.py --dataset=NAME`."""
 
     input: str = opt("", "a text file, or a glob of them ('notes/*.txt'); several are joined in sorted order")
     name: str = opt("", "the dataset's name: it goes to data/NAME/ and trains with --dataset=NAME")
@@ -64,7 +64,11 @@ def prepare(cfg: TextConfig) -> dict[str, int]:
         writer.write("val", ids[-n_val:])
         counts = writer.commit(meta)
     dataset_arg = cfg.name if not cfg.out_dir else str(out_dir)
-    print(f"train with: python train.py --dataset={dataset_arg}")
+    # train.py alone would train nanoGPT's default, GPT-2 124M: name a config of the right size.
+    config = "config/shakespeare_char.py" if cfg.tokenizer == "char" else "config/finetune_shakespeare.py"
+    print(f"train with: python train.py {config} --dataset={dataset_arg} --out_dir=out-{Path(dataset_arg).name}")
+    if cfg.tokenizer == "char":
+        print("  on a CPU, add the CPU settings of README's 'Start here' (a smaller model and context)")
     return counts
 
 
