@@ -141,12 +141,17 @@ def tokenizer_record(meta: dict[str, Any] | None) -> dict[str, Any]:
     return {"tokenizer": "gpt2" if meta is None else "meta", "meta": meta}
 
 
-def model_from_checkpoint(state: dict[str, Any], path: str | Path) -> GPT:
-    """Rebuild the model a checkpoint describes and load its weights."""
+def build_model(model_args: dict[str, Any], path: str | Path) -> GPT:
+    """The (untrained) model a checkpoint's model_args describe; a UserError naming path if it cannot be built."""
     try:
-        model = GPT(GPTConfig(**state["model_args"]))
+        return GPT(GPTConfig(**model_args))
     except (TypeError, ValueError, AssertionError) as e:
         raise UserError(f"checkpoint {path} describes a model this version cannot build: {e}") from None
+
+
+def model_from_checkpoint(state: dict[str, Any], path: str | Path) -> GPT:
+    """Rebuild the model a checkpoint describes and load its weights."""
+    model = build_model(state["model_args"], path)
     load_weights(model, state["model"], path)
     return model
 
@@ -347,10 +352,7 @@ def consolidate(cfg: Any) -> Path:
 
     source = readable_sharded(Path(cfg.out_dir) / cfg.ckpt)
     state = load_train_state(source)
-    try:
-        model = GPT(GPTConfig(**state["model_args"]))
-    except (TypeError, ValueError, AssertionError) as e:
-        raise UserError(f"checkpoint {source} describes a model this version cannot build: {e}") from None
+    model = build_model(state["model_args"], source)
     # The optimizer train.py made, so the saved state maps onto the same parameter groups.
     optimizer = build_optimizer(model, state["config"], "cpu") if cfg.optimizer else None
     load_sharded(source, model, optimizer)
