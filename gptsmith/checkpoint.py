@@ -3,8 +3,8 @@
 A checkpoint is written to a temporary file beside its target, flushed to disk, then
 renamed over the target in one atomic step: readers see the old file or the new one,
 never half of one. Only plain Python values and tensors go in, so loading uses
-torch.load(weights_only=True) and never runs code from the file. Pretrained GPT-2 weights
-(init_from=gpt2 or a Hugging Face folder) load through here too, failures as UserError.
+torch.load(weights_only=True) and never runs code from the file. (Pretrained GPT-2 weights
+load through hf.py; what init_from names is resolved in init_from.py.)
 
 Under FSDP a checkpoint is a folder, ckpt.dcp/ (best.dcp/), written by every process at
 once with torch.distributed.checkpoint (DCP): .metadata and one __<rank>_0.distcp file of

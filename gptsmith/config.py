@@ -254,7 +254,7 @@ class TrainConfig(
         check_mode(self.parallel, self.dtype)
         if self.decay_lr and self.min_lr > self.learning_rate:  # a constant rate never reaches min_lr
             raise UserError(f"min_lr ({self.min_lr}) is above learning_rate ({self.learning_rate}); lower min_lr")
-        if self.optimizer == "muon" and self.parallel == "fsdp":
+        if self.optimizer == "muon" and self.sharded:
             raise UserError("optimizer='muon' needs whole weight matrices; use it with parallel='ddp', not 'fsdp'")
         micro_tokens = self.micro_tokens()
         if self.total_batch_size % micro_tokens:
@@ -265,9 +265,18 @@ class TrainConfig(
                 f"e.g. --total_batch_size={nearest}"
             )
 
+    @property
+    def sharded(self) -> bool:
+        """Under FSDP: checkpoints are folders (ckpt.dcp) and there is always a process group."""
+        return self.parallel == "fsdp"
+
     def micro_tokens(self) -> int:
         """Tokens in one micro-step of one process."""
         return self.batch_size * self.block_size
+
+    def tokens_per_step(self) -> int:
+        """Tokens in one optimizer step, over every micro-step of every process."""
+        return self.gradient_accumulation_steps * self.micro_tokens()
 
     def accumulation_steps(self, world_size: int) -> int:
         """Micro-steps per optimizer step over all processes: gradient_accumulation_steps, or derived

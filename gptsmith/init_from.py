@@ -36,7 +36,7 @@ class Start:
 
 def resolve(cfg: Any, explicit: set[str], out_dir: Path, master: bool) -> Start:
     """The Start that cfg.init_from names (reads checkpoints, loads pretrained weights)."""
-    sharded = cfg.parallel == "fsdp"
+    sharded = cfg.sharded
     if cfg.init_from == "auto":
         found = ckpt_io.has_checkpoint(out_dir, sharded)
         if master:
@@ -104,7 +104,7 @@ def load_pretrained(init_from: str, dropout: float = 0.0) -> GPT:
 def _resume_state(cfg: Any, explicit: set[str], out_dir: Path) -> tuple[Any, dict[str, Any]]:
     """Load out_dir/ckpt.pt (under FSDP the non-tensor part of ckpt.dcp); its architecture (and
     seed) win unless set explicitly, and an explicit architecture key that disagrees is an error."""
-    sharded = cfg.parallel == "fsdp"
+    sharded = cfg.sharded
     path = ckpt_io.checkpoint_path(out_dir, "ckpt.pt", sharded)
     other = ckpt_io.checkpoint_path(out_dir, "ckpt.pt", not sharded)
     if not ckpt_io.has_checkpoint(out_dir, sharded):
@@ -127,9 +127,9 @@ def _resume_state(cfg: Any, explicit: set[str], out_dir: Path) -> tuple[Any, dic
 
 def _other_format_hint(other: Path, cfg: Any) -> str:
     """What to do when out_dir holds a checkpoint of the other kind (single file vs sharded folder)."""
-    if cfg.parallel == "fsdp" and other.is_file():
+    if cfg.sharded and other.is_file():
         return f"{other} is a single-file checkpoint (from ddp or one process): resume it with --parallel=ddp"
-    if cfg.parallel != "fsdp" and ckpt_io.is_sharded(other):
+    if not cfg.sharded and ckpt_io.is_sharded(other):
         return (
             f"{other} is a sharded checkpoint: resume it with --parallel=fsdp, or make a single file of it "
             f"first (python consolidate.py --out_dir={cfg.out_dir})"

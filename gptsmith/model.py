@@ -83,7 +83,7 @@ class GPTConfig:
         ) == ("learned", "layernorm", "gelu", False, self.n_head, True, 0.0)
 
 
-# GPTConfig's modern options: the config keys of train.py and bench.py that carry them over by name.
+# GPTConfig's modern options, which config.ModelKeys carries over by name.
 MODEL_OPTIONS = ("pos_emb", "norm", "activation", "qk_norm", "n_kv_head", "tie_weights", "logit_softcap")
 
 

@@ -83,7 +83,6 @@ class Run:
     data: TrainData
     model: torch.nn.Module  # what forward and backward run through: compiled and/or DDP-wrapped
     raw_model: GPT  # the model itself (under FSDP sharded): checkpoints and samples go through it
-    model_args: dict[str, Any]  # recorded in checkpoints, so resume rebuilds this model
     optimizer: Any
     scaler: torch.amp.GradScaler
     peak: Peak
@@ -96,7 +95,12 @@ class Run:
 
     @property
     def sharded(self) -> bool:
-        return self.cfg.parallel == "fsdp"  # then there is always a process group, of one process at least
+        return self.cfg.sharded
+
+    @property
+    def model_args(self) -> dict[str, Any]:
+        """The architecture, recorded in checkpoints so that resume rebuilds this model."""
+        return dataclasses.asdict(self.raw_model.config)
 
     @property
     def mode(self) -> str | None:
@@ -109,7 +113,7 @@ class Run:
 
     @property
     def tokens_per_step(self) -> int:
-        return self.cfg.gradient_accumulation_steps * self.cfg.micro_tokens()
+        return self.cfg.tokens_per_step()
 
     def should_eval(self, state: TrainState) -> bool:
         """Every eval_interval steps and at the last; before the first unless eval_at_start=False;
@@ -141,27 +145,18 @@ def build_run(cfg: TrainConfig, explicit: set[str], rt: Runtime) -> tuple[Run, T
     """config -> data -> model -> optimizer -> restored state, each checked before any training."""
     out_dir = Path(cfg.out_dir)
     parallel.check_mode(cfg.parallel, rt.dtype)
-    if cfg.parallel == "fsdp":
+    if cfg.sharded:
         _recover_sharded(out_dir, rt)
     start = init_from.resolve(cfg, explicit, out_dir, rt.master)
     cfg = dataclasses.replace(start.cfg, gradient_accumulation_steps=start.cfg.accumulation_steps(rt.world_size))
     data = open_data(cfg, start)
     _check_out_dir(out_dir, rt)
-    model, model_args = build_model(cfg, start, data.vocab_size, rt)
+    model = build_model(cfg, start, data.vocab_size, rt)
     optimizer = optim.build_optimizer(model, vars(cfg), rt.device_type)
     scaler = rt.grad_scaler()
-    tokens_per_step = cfg.gradient_accumulation_steps * cfg.micro_tokens()
     state = TrainState()
     if start.state is not None:
-        state = restore(
-            start.state,
-            model=model,
-            optimizer=optimizer,
-            scaler=scaler,
-            rt=rt,
-            cfg=cfg,
-            tokens_per_step=tokens_per_step,
-        )
+        state = restore(start.state, model=model, optimizer=optimizer, scaler=scaler, rt=rt, cfg=cfg)
     raw_model, forward_model = model, model
     if cfg.compile:
         forward_model = torch.compile(forward_model)
@@ -178,7 +173,6 @@ def build_run(cfg: TrainConfig, explicit: set[str], rt: Runtime) -> tuple[Run, T
         data=data,
         model=forward_model,
         raw_model=raw_model,
-        model_args=model_args,
         optimizer=optimizer,
         scaler=scaler,
         peak=peak,
@@ -238,7 +232,7 @@ def _check_out_dir(out_dir: Path, rt: Runtime) -> None:
         raise UserError(f"out_dir {out_dir} is not writable: {e.strerror}") from None
 
 
-def build_model(cfg: TrainConfig, start: init_from.Start, vocab_size: int, rt: Runtime) -> tuple[GPT, dict[str, Any]]:
+def build_model(cfg: TrainConfig, start: init_from.Start, vocab_size: int, rt: Runtime) -> GPT:
     """The model on its device (sharded under FSDP), with a checkpoint's weights when resuming.
 
     Every rank builds the same initial weights (FSDP shards them as they are, DDP would broadcast
@@ -253,10 +247,8 @@ def build_model(cfg: TrainConfig, start: init_from.Start, vocab_size: int, rt: R
         if start.state is not None:  # what no config key sets (GPT-2's tanh GELU) comes from the checkpoint
             config.gelu_approximate = start.state["model_args"].get("gelu_approximate", config.gelu_approximate)
         model = GPT(config)
-    model_args = dataclasses.asdict(model.config)
     torch.manual_seed(cfg.seed + rt.rank)
-    sharded = cfg.parallel == "fsdp"
-    if start.state is not None and not sharded:
+    if start.state is not None and not cfg.sharded:
         ckpt_io.load_weights(model, start.state["model"], ckpt_io.checkpoint_path(Path(cfg.out_dir), "ckpt.pt", False))
     model.to(rt.device)
     if rt.master and not cfg.eval_only:
@@ -264,10 +256,10 @@ def build_model(cfg: TrainConfig, start: init_from.Start, vocab_size: int, rt: R
         ckpt_io.check_free_space(Path(cfg.out_dir), 2 * 3 * n_bytes)  # ckpt.pt + best.pt, weights + 2 Adam moments
     if cfg.activation_checkpointing:
         parallel.checkpoint_activations(model)
-    if sharded:
+    if cfg.sharded:
         parallel.shard(model, rt)
         rt.cast_by_fsdp = True  # its mixed-precision policy computes in bfloat16; autocast would only add casts
-    return model, model_args
+    return model
 
 
 def restore(
@@ -278,13 +270,11 @@ def restore(
     scaler: torch.amp.GradScaler,
     rt: Runtime,
     cfg: TrainConfig,
-    tokens_per_step: int,
 ) -> TrainState:
     """Everything but the weights from a checkpoint (under FSDP the weights too): the optimizer's
     moments (its settings stay this run's), the loss scale, the loop state and the random streams."""
-    sharded = cfg.parallel == "fsdp"
-    path = ckpt_io.checkpoint_path(Path(cfg.out_dir), "ckpt.pt", sharded)
-    if sharded:
+    path = ckpt_io.checkpoint_path(Path(cfg.out_dir), "ckpt.pt", cfg.sharded)
+    if cfg.sharded:
         changed = optim.load_moments(optimizer, lambda: ckpt_io.load_sharded(path, model, optimizer))
     else:
         changed = optim.load_moments(optimizer, lambda: ckpt_io.load_optimizer(optimizer, state["optimizer"], path))
@@ -301,7 +291,7 @@ def restore(
                 f"note: the checkpoint was written by {len(rngs)} processes, this run has {rt.world_size}: "
                 "same data order, but new dropout random streams"
             )
-    return TrainState.from_checkpoint(state, tokens_per_step)
+    return TrainState.from_checkpoint(state, cfg.tokens_per_step())
 
 
 def _recover_sharded(out_dir: Path, rt: Runtime) -> None:
@@ -615,7 +605,7 @@ def train(cfg: TrainConfig, explicit: set[str] | frozenset[str] = frozenset()) -
     explicit names the keys the user set on the command line or in config files; on resume
     the checkpoint's architecture wins over defaults but must agree with explicit keys.
     """
-    rt = setup_runtime(cfg.device, cfg.dtype, cfg.backend, group=cfg.parallel == "fsdp")
+    rt = setup_runtime(cfg.device, cfg.dtype, cfg.backend, group=cfg.sharded)
     try:
         run, state = build_run(cfg, set(explicit), rt)
         return fit(run, state)
