@@ -17,10 +17,11 @@ import time
 
 import torch
 
+from gptsmith import optim
 from gptsmith.config import BenchConfig
 from gptsmith.configurator import cli_errors, load_config
 from gptsmith.model import GPT
-from gptsmith.runtime import Runtime, peak_flops, setup_runtime, teardown
+from gptsmith.runtime import Runtime, cpu_training_dtype, peak_flops, setup_runtime, teardown
 
 
 def _emit(cfg: BenchConfig, rt: Runtime, model: GPT, figures: dict[str, float | None]) -> None:
@@ -42,39 +43,54 @@ def _sync(rt: Runtime) -> None:
 
 
 def bench_train(cfg: BenchConfig, rt: Runtime, model: GPT) -> dict[str, float]:
-    """Median time of a full training step on random tokens."""
+    """Time of a full training step on random tokens, taken as train.py takes it: fused AdamW,
+    clipping, the update skipped on the device if non-finite, and no wait for the device between
+    steps. Steps are timed in groups of five with a wait at each end; the median group counts."""
     optimizer = model.configure_optimizers(0.1, 1e-4, (0.9, 0.95), rt.device_type)
-    step_model = torch.compile(model) if cfg.compile else model
+    step_model = torch.compile(model, fullgraph=True, dynamic=False) if cfg.compile else model
     x = torch.randint(cfg.vocab_size, (cfg.batch_size, cfg.block_size + 1), device=rt.device)
-    times = []
-    for i in range(cfg.warmup + cfg.steps):
-        t0 = time.perf_counter()
+
+    def step() -> None:
         with rt.autocast():
-            _, loss = step_model(x[:, :-1], x[:, 1:])
+            _, loss = step_model(x[:, :-1], x[:, 1:], return_logits=False)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optim.step_unless(optimizer, ~(loss.isfinite() & norm.isfinite()))
         optimizer.zero_grad(set_to_none=True)
-        loss.item()  # waits for the device, as the training loop's logging does
-        if i >= cfg.warmup:
-            times.append(time.perf_counter() - t0)
+
+    for _ in range(cfg.warmup):
+        step()
+    group, times = 5, []
+    for _ in range(max(1, cfg.steps // group)):
+        _sync(rt)
+        t0 = time.perf_counter()
+        for _ in range(group):
+            step()
+        _sync(rt)
+        times.append((time.perf_counter() - t0) / group)
     dt = statistics.median(times)
     tps = cfg.batch_size * cfg.block_size / dt
     peak = peak_flops(rt, cfg.peak_flops)
     mfu = peak.mfu(model.flops_per_token() * tps)
     shown = f"{mfu * 100:.1f}%" if mfu is not None else f"n/a (peak {peak.source})"
-    print(f"train: {dt * 1000:.2f} ms/iter (median of {cfg.steps}), {tps:,.0f} tok/s, mfu {shown}")
+    print(f"train: {dt * 1000:.2f} ms/iter (median of {len(times)} groups of {group}), {tps:,.0f} tok/s, mfu {shown}")
     result = {"ms_per_iter": dt * 1000, "tokens_per_sec": tps, "mfu": mfu}
     _emit(cfg, rt, model, {**result, "achieved_flops": model.flops_per_token() * tps, "peak_flops": peak.flops})
     return result
 
 
 def bench_sample(cfg: BenchConfig, rt: Runtime, model: GPT) -> dict[str, float]:
-    """New tokens per second with the KV cache and with the window recomputed per token."""
+    """New tokens per second with the KV cache and with the window recomputed per token. With compile,
+    the KV cache's decode step is compiled (a CUDA graph on GPUs); the recomputation runs uncompiled."""
     model.eval()
     prompt = torch.zeros((cfg.num_samples, 1), dtype=torch.long, device=rt.device)
+    if cfg.compile:
+        model.compile_decode()
     result = {}
     for use_cache in (True, False):
+        if use_cache and cfg.compile:  # compiled (and on GPUs recorded as a CUDA graph) before the clock runs
+            with torch.inference_mode(), rt.autocast():
+                model.generate(prompt, min(cfg.max_new_tokens, 8), top_k=200)
         times = []
         for r in range(cfg.repeats):
             g = torch.Generator(device=rt.device).manual_seed(cfg.seed + r)
@@ -111,13 +127,17 @@ def bench_peak(rt: Runtime) -> dict[str, float | None]:
 
 def bench(cfg: BenchConfig) -> dict[str, float]:
     """Run the benchmark cfg.what and return its figures."""
-    rt = setup_runtime(cfg.device, cfg.dtype)
+    rt = setup_runtime(cfg.device, cfg.dtype, sdpa_backend=cfg.sdpa_backend)
     try:
         if cfg.what == "peak":
             return bench_peak(rt)
+        if cfg.what == "train" and cfg.dtype == "auto" and rt.device_type == "cpu":  # as train.py chooses
+            rt.dtype, rt.dtype_reason = cpu_training_dtype(cfg.gpt_config(cfg.vocab_size), cfg.batch_size)
         torch.manual_seed(cfg.seed)
         model = GPT(cfg.gpt_config(cfg.vocab_size)).to(rt.device)
         print(f"{cfg.what}: {model.get_num_params() / 1e6:.2f}M parameters on {rt.device} ({rt.dtype})")
+        if rt.dtype_reason:
+            print(f"dtype=auto chose {rt.dtype}: {rt.dtype_reason}")
         return bench_train(cfg, rt, model) if cfg.what == "train" else bench_sample(cfg, rt, model)
     finally:
         teardown(rt)

@@ -51,6 +51,16 @@ class RuntimeKeys(KeyGroup):
         "auto", "auto (bfloat16 where supported, float16 on older GPUs, float32 on CPU), float32, bfloat16, float16"
     )
     seed: int = opt(1337, "seed for initialisation, dropout, the data order and sampling")
+    sdpa_backend: str = opt(
+        "auto",
+        "attention kernels: auto (on Hopper GPUs and newer cuDNN, then flash, efficient, math; elsewhere torch's "
+        "choice), or force one: cudnn, flash, efficient (CUDA only), math",
+    )
+
+    def check(self) -> None:
+        from gptsmith.runtime import SDPA_BACKENDS
+
+        self.one_of("sdpa_backend", SDPA_BACKENDS)
 
 
 @dataclass
@@ -331,7 +341,7 @@ class SampleConfig(RuntimeKeys, CheckpointKeys):
         "past block_size tokens: 'restart' from the newest block_size/2 with the KV cache (fast), or 'slide' by one "
         "token, recomputing the newest block_size each time (nanoGPT's: its exact tokens, slower)",
     )
-    compile: bool = opt(False, "torch.compile the forward pass (pays off only for long generations)")
+    compile: bool = opt(False, "torch.compile the KV-cache decode step (a CUDA graph on GPUs; not window=slide)")
 
     def check(self) -> None:
         from gptsmith.init_from import check_init_from
@@ -361,7 +371,7 @@ class BenchConfig(PeakKeys, RuntimeKeys, ModelKeys):
     max_new_tokens: int = opt(500, "tokens to generate (sample)")
     num_samples: int = opt(1, "sequences decoded side by side (sample); tokens/s counts the tokens of all")
     repeats: int = opt(3, "generations per mode; the median is reported (sample)")
-    compile: bool = opt(False, "torch.compile the model")
+    compile: bool = opt(False, "torch.compile the model (train) or the KV-cache decode step (sample)")
 
     def check(self) -> None:
         self.one_of("what", ("train", "sample", "peak"))

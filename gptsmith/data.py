@@ -280,21 +280,26 @@ def get_batch(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Inputs x and targets y, each (B, T), for windows starting at offsets: y is the next
     tokens, or for a split with its own targets the targets of x's tokens.
-    An offset of -1 (padding of the last eval batch) yields targets of -1, ignored by the loss."""
+    An offset of -1 (padding of the last eval batch) yields targets of -1, ignored by the loss.
+
+    The windows are gathered into one contiguous host tensor, (B, T+1) or for own targets
+    (2, B, T), pinned on CUDA so that one non-blocking copy moves it while the GPU keeps
+    working; x and y are slices of the device copy (x a view: the embedding takes it as is)."""
     pad = offsets < 0
+    starts = np.clip(offsets, 0, None)[:, None]
     if isinstance(data, TargetedTokens):
-        window = np.clip(offsets, 0, None)[:, None] + np.arange(block_size)  # (B, T)
-        x = torch.from_numpy(data.tokens[window].astype(np.int64))
-        y = torch.from_numpy(data.targets[window].astype(np.int64))
+        window = starts + np.arange(block_size)  # (B, T)
+        host = torch.from_numpy(np.stack([data.tokens[window], data.targets[window]]).astype(np.int64))  # (2, B, T)
     else:
-        window = np.clip(offsets, 0, None)[:, None] + np.arange(block_size + 1)  # (B, T+1)
-        chunk = torch.from_numpy(data[window].astype(np.int64))
-        x, y = chunk[:, :-1], chunk[:, 1:].clone()
-    if pad.any():
-        y[torch.from_numpy(pad)] = -1
+        host = torch.from_numpy(data[starts + np.arange(block_size + 1)].astype(np.int64))  # (B, T+1)
     if device.startswith("cuda"):
-        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
-    return x.to(device), y.to(device)
+        batch = host.pin_memory().to(device, non_blocking=True)
+    else:
+        batch = host.to(device)
+    x, y = (batch[0], batch[1]) if isinstance(data, TargetedTokens) else (batch[:, :-1], batch[:, 1:])
+    if pad.any():  # only the last batch of a whole-split evaluation: a small extra copy is fine
+        y = y.masked_fill(torch.from_numpy(pad[:, None]).to(device), -1)
+    return x, y
 
 
 def get_tokenizer(meta: dict[str, Any] | None) -> tuple[Callable[[str], list[int]], Callable[[list[int]], str]]:

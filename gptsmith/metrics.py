@@ -120,6 +120,8 @@ def print_banner(cfg: Any, run: Any) -> None:
         f"device: {rt.device}, dtype: {rt.dtype}, world size: {rt.world_size}{mode}, "
         f"tokens per step: {run.tokens_per_step:,} ({run.micro_per_rank} micro-steps per rank)"
     )
+    if rt.dtype_reason:
+        print(f"dtype=auto chose {rt.dtype}: {rt.dtype_reason}")
     print("data: " + ", ".join(f"{s} {len(d):,} tokens" for s, d in run.data.splits.items()))
     shown = f"{run.peak.flops / 1e12:.3g} TFLOP/s" if run.peak.flops else "unknown, so no MFU"
     print(f"peak: {shown} ({run.peak.source}); {model.flops_per_token() / 1e6:.3g} MFLOP per token")

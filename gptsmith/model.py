@@ -90,10 +90,20 @@ MODEL_OPTIONS = ("pos_emb", "norm", "activation", "qk_norm", "n_kv_head", "tie_w
 ROPE_BASE = 10000.0  # the rotary base of RoFormer and LLaMA
 
 
+class RMSNorm(nn.RMSNorm):
+    """nn.RMSNorm with its gain in the input's dtype: under CPU autocast q and k reach QK-norm in
+    bfloat16 while the gain is float32, and torch then falls back to a slow unfused kernel (with a
+    warning). In float32 this is nn.RMSNorm exactly."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.weight.to(x.dtype) if self.weight is not None else None
+        return F.rms_norm(x, self.normalized_shape, weight, self.eps)
+
+
 def make_norm(config: GPTConfig, dim: int) -> nn.Module:
     """The configured normalisation over the last dimension of size dim."""
     if config.norm == "rmsnorm":
-        return nn.RMSNorm(dim, eps=1e-5)
+        return RMSNorm(dim, eps=1e-5)
     return nn.LayerNorm(dim, bias=config.bias)
 
 
@@ -112,27 +122,54 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class KVCache:
-    """Keys and values of the positions already seen, so a new token costs one position."""
+    """Keys and values of every layer for max_len positions, allocated once at full size.
 
-    def __init__(self, n_layer: int, max_len: int) -> None:
-        self.n_layer, self.max_len = n_layer, max_len
-        self.k: torch.Tensor | None = None  # (n_layer, B, n_kv_head, max_len, hs), allocated on first use
-        self.v: torch.Tensor | None = None
-        self.length = 0  # positions filled so far
+    Nothing here ever changes shape: positions are written by index (in the decode step the index
+    is a device tensor, not a Python int), and the attention masks out positions not written yet
+    (or left over from before a window restart). So one token's step has the same shapes at every
+    position, compiles once and can be replayed as a CUDA graph (GPT.decode_one_token).
+    """
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k, v (B, n_kv_head, T, hs) after the cached positions; return all keys and values so far."""
-        if self.k is None:
-            B, nh, _, hs = k.shape
-            self.k = k.new_zeros(self.n_layer, B, nh, self.max_len, hs)
-            self.v = torch.zeros_like(self.k)
-        start, end = self.length, self.length + k.size(2)
-        self.k[layer, :, :, start:end] = k
-        self.v[layer, :, :, start:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+    def __init__(
+        self,
+        n_layer: int,
+        batch_size: int,
+        n_kv_head: int,
+        max_len: int,
+        head_size: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> None:
+        self.max_len = max_len
+        shape = (n_layer, batch_size, n_kv_head, max_len, head_size)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)  # (n_layer, B, n_kv, max_len, hs)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
 
-    def reset(self) -> None:
-        self.length = 0
+    def prefill(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store k, v (B, n_kv, T, hs) of a fresh window at positions 0 .. T-1 (T a Python int: prefill
+        shapes vary anyway, and it runs once per window)."""
+        T = k.size(2)
+        self.k[layer, :, :, :T] = k  # copy_ casts to the cache's dtype
+        self.v[layer, :, :, :T] = v
+
+    def update(
+        self, layer: int, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v (B, n_kv, T, hs) at the positions pos (T,), a long tensor on the cache's device;
+        return all of the layer's keys and values, (B, n_kv, max_len, hs) each, for a masked attention."""
+        # Written by a position tensor, so the same code (and graph) serves every position. One index_put_
+        # into the whole cache, layer and positions both indexed: writing through the layer's view instead
+        # (self.k[layer].index_copy_) makes torch.compile copy the layer's cache out and the whole cache back
+        # at every step. Advanced indices apart put their dimension first: the values are (T, B, n_kv, hs).
+        at = (torch.full_like(pos, layer), slice(None), slice(None), pos)
+        self.k[at] = k.to(self.k.dtype).permute(2, 0, 1, 3)  # index_put_ does not cast
+        self.v[at] = v.to(self.v.dtype).permute(2, 0, 1, 3)
+        return self.k[layer], self.v[layer]
+
+    def mask(self, pos: torch.Tensor) -> torch.Tensor:
+        """(T, max_len) bool: the query at position pos[i] sees the keys at positions <= pos[i], causal
+        attention that also hides the positions not written yet."""
+        return torch.arange(self.max_len, device=pos.device) <= pos[:, None]
 
 
 class CausalSelfAttention(nn.Module):
@@ -148,8 +185,8 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = nn.Linear(config.n_embd, config.n_embd + 2 * kv_dim, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
-        self.q_norm = nn.RMSNorm(self.head_size, eps=1e-5) if config.qk_norm else None
-        self.k_norm = nn.RMSNorm(self.head_size, eps=1e-5) if config.qk_norm else None
+        self.q_norm = RMSNorm(self.head_size, eps=1e-5) if config.qk_norm else None
+        self.k_norm = RMSNorm(self.head_size, eps=1e-5) if config.qk_norm else None
 
     def forward(
         self,
@@ -157,7 +194,11 @@ class CausalSelfAttention(nn.Module):
         cache: KVCache | None = None,
         layer: int = 0,
         rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+        pos: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """x (B, T, C). With a cache: pos None stores a fresh window's keys and values (prefill); else
+        pos (T,) are x's positions after the cached ones and mask (T, max_len) what each query sees."""
         B, T, C = x.size()
         hs, kv_dim = self.head_size, self.n_kv_head * self.head_size
         q, k, v = self.c_attn(x).split([self.n_embd, kv_dim, kv_dim], dim=2)
@@ -168,22 +209,24 @@ class CausalSelfAttention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:  # the angles of these T absolute positions, so cached keys keep theirs
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        past = 0
-        if cache is not None:
-            past = cache.length
-            k, v = cache.update(layer, k, v)  # (B, n_kv, past + T, hs)
-        if self.n_kv_head != self.n_head:  # each key/value head serves n_head / n_kv_head query heads
-            k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)  # (B, nh, past + T, hs)
-            v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
-        if past == 0:
-            mask, causal = None, True  # the flash-attention path on GPUs
-        elif T == 1:
-            mask, causal = None, False  # one new query sees every cached position
-        else:  # a chunk after cached positions: query i sees keys up to past + i
-            mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
-            causal = False
+        if cache is not None and pos is None:  # prefill: nothing cached before these T positions
+            cache.prefill(layer, k, v)
+        elif cache is not None:  # over the whole cache, masked: the same shapes at every position
+            k, v = cache.update(layer, pos, k, v)  # (B, n_kv, max_len, hs)
+            # In q's dtype, a no-op unless the cache's is not the compute dtype: FSDP's bfloat16 parameters
+            # (no autocast to cast them), or float32 q and k after autocast's float32 qk_norm.
+            k, v = k.to(q.dtype), v.to(q.dtype)
+        # Without a mask (no cache, or prefill) the causal attention among these T positions: the flash
+        # path on GPUs. enable_gqa: each key/value head serves n_head / n_kv_head query heads, without
+        # copying k and v n_head / n_kv_head times (repeat_interleave) first.
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=causal, dropout_p=self.dropout if self.training else 0.0
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            is_causal=mask is None,
+            dropout_p=self.dropout if self.training else 0.0,
+            enable_gqa=self.n_kv_head != self.n_head,
         )  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble the heads side by side
         return self.resid_dropout(self.c_proj(y))
@@ -237,8 +280,10 @@ class Block(nn.Module):
         cache: KVCache | None = None,
         layer: int = 0,
         rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+        pos: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), cache, layer, rope)
+        x = x + self.attn(self.ln_1(x), cache, layer, rope, pos, mask)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -261,6 +306,7 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_weights:  # the same matrix embeds tokens and scores them
             self.transformer.wte.weight = self.lm_head.weight
+        self.decode_cuda_graphs = False  # whether decode_one_token runs as a CUDA graph (compile_decode)
         if config.pos_emb == "rope":
             # Not persistent: computed from the config, so checkpoints hold the same keys as without rope.
             cos, sin = rope_tables(config.block_size, config.n_embd // config.n_head)
@@ -293,31 +339,47 @@ class GPT(nn.Module):
         return n
 
     def forward(
-        self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        return_logits: bool = True,
+        pos: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """idx (B, T) token ids -> (logits, loss). Targets of -1 are left out of the loss.
-        Without targets only the last position's logits are computed, (B, 1, vocab)."""
+        Without targets only the last position's logits are computed, (B, 1, vocab).
+        With targets and return_logits=False: (None, loss), and where the (B*T, vocab) float32 logits
+        would be big (CHUNKED_LOSS_BYTES) the head and the loss run chunk by chunk, never holding them.
+
+        With a cache (see prefill and decode_one_token): pos None makes idx a fresh window at positions
+        0 .. T-1, whose keys and values are stored; pos (T,), a long tensor on idx's device, gives the
+        positions of idx's tokens after the cached ones (each < cache.max_len: a tensor's values are not
+        checked here, as that would wait for the device)."""
         B, T = idx.size()
-        past = cache.length if cache is not None else 0
-        if past + T > self.config.block_size:
-            raise ValueError(f"sequence of length {past + T} exceeds block_size {self.config.block_size}")
+        if idx.size(1) > self.config.block_size:
+            raise ValueError(f"sequence of length {T} exceeds block_size {self.config.block_size}")
+        if pos is not None and cache is None:
+            raise ValueError("pos gives positions after cached ones: it needs a cache")
         x = self.transformer.wte(idx)  # (B, T, C)
         rope = None
         if "wpe" in self.transformer:
-            pos = torch.arange(past, past + T, dtype=torch.long, device=idx.device)  # (T,)
-            x = x + self.transformer.wpe(pos)
-        else:  # rotary: the angles of the absolute positions past .. past + T - 1
-            rope = (self.rope_cos[past : past + T], self.rope_sin[past : past + T])  # (T, hs/2) each
+            x = x + self.transformer.wpe(torch.arange(T, device=idx.device) if pos is None else pos)  # (T, C)
+        elif pos is None:  # rotary: the angles of the absolute positions 0 .. T-1
+            rope = (self.rope_cos[:T], self.rope_sin[:T])  # (T, hs/2) each
+        else:  # indexed by the position tensor, not sliced by a Python int: the same graph at every position
+            rope = (self.rope_cos[pos], self.rope_sin[pos])  # (T, hs/2) each
+        mask = cache.mask(pos) if pos is not None else None  # (T, max_len), once for all layers
         x = self.transformer.drop(x)
         for i, block in enumerate(self.transformer.h):
-            x = block(x, cache, i, rope)
+            x = block(x, cache, i, rope, pos, mask)
         x = self.transformer.ln_f(x)
-        if cache is not None:
-            cache.length += T
         if targets is None:
             return self._head(x[:, [-1], :]), None  # (B, 1, vocab): sampling needs no more
+        if not return_logits and x.numel() // x.size(-1) * self.config.vocab_size * 4 > CHUNKED_LOSS_BYTES:
+            flat = x.reshape(-1, x.size(-1))  # (B*T, C)
+            return None, chunked_head_loss(flat, self.lm_head.weight, targets.reshape(-1), self.config.logit_softcap)
         logits = self._head(x)  # (B, T, vocab)
-        return logits, masked_cross_entropy(logits, targets)
+        return logits if return_logits else None, masked_cross_entropy(logits, targets)
 
     def _head(self, x: torch.Tensor) -> torch.Tensor:
         """Logits of x (B, T, C), soft-capped to (-cap, cap) when logit_softcap is set."""
@@ -366,6 +428,62 @@ class GPT(nn.Module):
         """Model FLOPs utilisation: achieved training FLOP/s over the device's peak."""
         return self.flops_per_token() * tokens_per_sec / peak_flops
 
+    def kv_cache(self, batch_size: int) -> KVCache:
+        """An empty cache for batch_size sequences of up to block_size positions, on the model's device, in
+        the dtype of the keys and values: autocast's when it is on (as for torch.autocast's bfloat16), else
+        the weights'."""
+        cfg, weight = self.config, self.lm_head.weight
+        device_type = weight.device.type
+        on = torch.is_autocast_enabled(device_type)
+        dtype = torch.get_autocast_dtype(device_type) if on else weight.dtype
+        hs = cfg.n_embd // cfg.n_head
+        if not self.decode_cuda_graphs:
+            return KVCache(cfg.n_layer, batch_size, cfg.kv_heads, cfg.block_size, hs, dtype, weight.device)
+        # The CUDA graph writes into the cache in place. Marked static, the cache is used where it lies: not
+        # copied into the graph's own memory at every replay, nor the graph skipped for mutating an input.
+        # And it is kept for the next call (what it holds is overwritten or masked out), as a cache at a new
+        # address would make the graph be recorded again. An inference-mode tensor can be written only in
+        # inference mode, hence that in the key.
+        key = (batch_size, dtype, weight.device, torch.is_inference_mode_enabled())
+        if self._kept_cache is None or self._kept_cache[0] != key:
+            cache = KVCache(cfg.n_layer, batch_size, cfg.kv_heads, cfg.block_size, hs, dtype, weight.device)
+            torch._dynamo.mark_static_address(cache.k)
+            torch._dynamo.mark_static_address(cache.v)
+            self._kept_cache = (key, cache)
+        return self._kept_cache[1]
+
+    def prefill(self, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """A fresh window idx (B, T) at positions 0 .. T-1: store its keys and values in the cache and return the
+        logits of the token after it, (B, vocab) float32. Nothing is cached before it, so its attention is the
+        plain causal one among its T positions (the flash path on GPUs). Its shapes vary with T, so it runs
+        uncompiled: once per window, not per token."""
+        logits, _ = self(idx, cache=cache)  # (B, 1, vocab)
+        return logits[:, -1, :].float()
+
+    def decode_one_token(self, idx: torch.Tensor, pos: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """The decode step: idx (B, 1), the newest token, at position pos (a (1,) long tensor on its device),
+        after the cached positions -> the logits of the token after it, (B, vocab) float32; its keys and
+        values join the cache.
+
+        Its shapes are the same at every position (the position is a tensor, and the attention runs over
+        the whole cache, masked), so it compiles once (compile_decode); and it never waits for the device
+        (no .item(), no branch on a tensor's value), so it can run as one CUDA graph. Sampling stays
+        outside it: a torch.Generator cannot enter a compiled graph. Compiled with CUDA graphs, the
+        logits returned are overwritten by the next call: use them (sample) before that."""
+        logits, _ = self(idx, cache=cache, pos=pos)  # (B, 1, vocab)
+        return logits[:, -1, :].float()
+
+    def compile_decode(self) -> None:
+        """torch.compile decode_one_token, which generate then calls for every token after a prefill. One
+        graph (fullgraph) compiled once (dynamic=False: its shapes never change). On CUDA
+        mode="reduce-overhead" replays it as a CUDA graph, one launch per token instead of one per kernel,
+        which is most of the time a small model takes per token; elsewhere the default mode."""
+        cuda = self.lm_head.weight.is_cuda
+        mode = "reduce-overhead" if cuda else "default"
+        self.decode_one_token = torch.compile(self.decode_one_token, mode=mode, fullgraph=True, dynamic=False)
+        self.decode_cuda_graphs = cuda  # kv_cache then keeps one cache, marked static, for the graph
+        self._kept_cache: tuple[tuple[Any, ...], KVCache] | None = None
+
     @torch.no_grad()
     def generate(
         self,
@@ -393,41 +511,60 @@ class GPT(nn.Module):
         """
         if window not in ("restart", "slide"):
             raise ValueError(f"window must be 'restart' or 'slide', got {window!r}")
+        B, T0 = idx.size()
         block = self.config.block_size
         keep = max(1, block // 2)
-        start = max(0, idx.size(1) - block)  # the window is idx[:, start:]
-        cache = KVCache(self.config.n_layer, block) if use_cache and window == "restart" else None
-        for _ in range(max_new_tokens):
+        # New tokens are written into one buffer as they come, not appended with torch.cat (a new,
+        # longer tensor per token): out[:, :t] are the tokens so far.
+        out = idx.new_empty(B, T0 + max_new_tokens)  # (B, T0 + max_new_tokens)
+        out[:, :T0] = idx
+        start = max(0, T0 - block)  # the window is out[:, start:t]
+        cache = self.kv_cache(B) if use_cache and window == "restart" else None
+        pos = None  # the position in the window of the decode step's token, a (1,) device tensor; None: prefill
+        idx_next = idx[:, -1:]  # the newest token (B, 1), the decode step's input
+        for t in range(T0, T0 + max_new_tokens):
             if window == "slide":
-                start = max(0, idx.size(1) - block)
-            elif idx.size(1) - start > block:
-                start = idx.size(1) - keep
-                if cache is not None:
-                    cache.reset()
-            if cache is not None:
-                logits, _ = self(idx[:, start + cache.length :], cache=cache)
+                start = max(0, t - block)
+            elif t - start > block:  # the window is full: restart it from its newest keep tokens
+                start, pos = t - keep, None
+            if cache is None:
+                logits = self(out[:, start:t])[0][:, -1, :].float()  # (B, vocab)
+            elif pos is None:
+                logits = self.prefill(out[:, start:t], cache)
+                # Filled on the device, not copied from the host: the first decode step's position.
+                pos = torch.full((1,), t - start, dtype=torch.long, device=idx.device)
             else:
-                logits, _ = self(idx[:, start:])
-            idx_next = sample_next(logits[:, -1, :].float(), temperature, top_k, generator)  # (B, 1)
-            idx = torch.cat((idx, idx_next), dim=1)
+                logits = self.decode_one_token(idx_next, pos, cache)
+                pos += 1  # on the device, never read by the host
+            idx_next = sample_next(logits, temperature, top_k, generator)  # (B, 1)
+            out[:, t : t + 1] = idx_next
             if on_token is not None:
                 on_token()
-        return idx
+        return out
 
 
 def sample_next(
     logits: torch.Tensor, temperature: float, top_k: int | None, generator: torch.Generator | None
 ) -> torch.Tensor:
     """The next token of each row of logits (B, vocab): argmax at temperature 0, else sampled
-    from the softmax of logits / temperature, among the top_k most likely when top_k is set."""
+    from the softmax of logits / temperature, among the top_k most likely when top_k is set.
+    Nothing here waits for the device (on CUDA a sync per token would stall the queue of kernels)."""
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
     logits = logits / temperature
     if top_k is not None:
-        v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
-        logits[logits < v[:, [-1]]] = -float("inf")
-    probs = F.softmax(logits, dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1)
+        v, _ = torch.topk(logits, min(top_k, logits.size(-1)))  # (B, k), largest first
+        # masked_fill, not logits[logits < ...] = -inf: assigning through a boolean index looks up the
+        # True positions (nonzero), which waits for the device.
+        logits = logits.masked_fill(logits < v[:, -1:], -float("inf"))
+    probs = F.softmax(logits, dim=-1)  # (B, vocab)
+    # One draw from each row of probs by the exponential race: with q ~ Exp(1), token i comes first
+    # (argmax of probs / q) with probability probs[i]. torch.multinomial(probs, 1) computes exactly
+    # this for one sample, but also checks probs on the host first (a sync on CUDA). It draws q from
+    # the same generator in the same way, so the tokens are bit-identical to torch.multinomial(probs, 1,
+    # generator=generator) for the same generator state (checked on CPU: float32 probs, many rows, seeds).
+    q = torch.empty_like(probs).exponential_(1, generator=generator)  # (B, vocab)
+    return (probs / q).argmax(dim=-1, keepdim=True)  # (B, 1)
 
 
 def masked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -435,3 +572,106 @@ def masked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.T
     flat = targets.reshape(-1)
     total = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), flat, ignore_index=-1, reduction="sum")
     return total / (flat != -1).sum().clamp(min=1)
+
+
+# GPT.forward(..., return_logits=False) computes the head and the loss chunk by chunk (ChunkedHeadLoss) when the
+# full float32 logits, rows * vocab * 4 bytes, would take more than this; it is also one chunk's share of them.
+# GPT-2 124M with batch 12 of 1024 would hold 2.4 GB; a 65-character model stays on the plain path. Tests lower it.
+CHUNKED_LOSS_BYTES = 256 * 2**20
+
+
+def loss_chunk_rows(vocab_size: int) -> int:
+    """Rows per chunk of ChunkedHeadLoss: a multiple of 128 (matmul-friendly), at least 128, whose float32
+    logits take about CHUNKED_LOSS_BYTES (1280 rows for GPT-2's 50304 tokens)."""
+    return max(128, CHUNKED_LOSS_BYTES // (4 * vocab_size) // 128 * 128)
+
+
+def chunked_head_loss(
+    x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, softcap: float = 0.0, chunk_rows: int | None = None
+) -> torch.Tensor:
+    """masked_cross_entropy(softcapped(x @ weight.T), targets) without ever holding more than chunk_rows rows
+    of logits: x (N, C) hidden states, weight (V, C) the head, targets (N,) with -1 ignored -> scalar loss."""
+    rows = chunk_rows or loss_chunk_rows(weight.size(0))
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        return ChunkedHeadLoss.apply(x, weight, targets, float(softcap), rows)
+    return _head_loss_chunks(x, weight, targets, float(softcap), rows, False, False)[0]  # evaluation: the loss only
+
+
+class ChunkedHeadLoss(torch.autograd.Function):
+    """The head and the cross-entropy fused, chunk by chunk of rows ("cut cross-entropy"): the forward also
+    computes the gradients of x and the weight, so only those, (N, C) and (V, C), are kept for backward,
+    never the (N, V) logits. Call it through chunked_head_loss, which skips it when no gradient is wanted
+    (under torch.no_grad ctx.needs_input_grad still says True, so the gradients would be computed for nothing)."""
+
+    @staticmethod
+    def forward(
+        ctx: Any, x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, softcap: float, chunk_rows: int
+    ) -> torch.Tensor:
+        loss, grad_x, grad_w = _head_loss_chunks(x, weight, targets, softcap, chunk_rows, *ctx.needs_input_grad[:2])
+        ctx.save_for_backward(grad_x, grad_w)
+        return loss
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        grad_x, grad_w = ctx.saved_tensors  # d loss / d x, d loss / d weight, computed in forward
+        # The chain rule: scale them by d out / d loss, a scalar tensor (not read on the host).
+        gx = grad_x * grad_out if ctx.needs_input_grad[0] else None
+        gw = grad_w * grad_out if ctx.needs_input_grad[1] else None
+        return gx, gw, None, None, None
+
+
+def _head_loss_chunks(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    softcap: float,
+    chunk_rows: int,
+    want_grad_x: bool,
+    want_grad_w: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """(mean loss, d loss / d x (N, C) or None, d loss / d weight (V, C) or None) over chunks of rows."""
+    N = x.size(0)
+    # The matmuls run in the dtype the plain head would: autocast's (bfloat16 under torch.autocast) or the inputs'.
+    # Autocast is then switched off here and every cast made explicitly, so it cannot cast behind our back.
+    dev = x.device.type
+    autocast = torch.is_autocast_enabled(dev)
+    dtype = torch.get_autocast_dtype(dev) if autocast else torch.promote_types(x.dtype, weight.dtype)
+    with torch.autocast(dev, enabled=False):
+        w = weight.to(dtype)  # (V, C), a copy only under autocast, as the plain nn.Linear makes too
+        n = (targets != -1).sum().clamp(min=1)  # targets counted, a tensor: no host sync (FSDP/DDP, compile)
+        total = torch.zeros((), dtype=torch.float32, device=x.device)
+        grad_x = torch.empty_like(x) if want_grad_x else None  # (N, C)
+        acc = torch.promote_types(dtype, torch.float32)  # float32 sums of bfloat16 / float16 products
+        grad_w = torch.zeros(weight.shape, dtype=acc, device=x.device) if want_grad_w else None  # (V, C)
+        for start in range(0, N, chunk_rows):
+            xc = x[start : start + chunk_rows].to(dtype)  # (R, C)
+            tc = targets[start : start + chunk_rows]  # (R,)
+            valid = tc != -1  # (R,)
+            tgt = tc.clamp(min=0).unsqueeze(1)  # (R, 1); ignored rows point at token 0 and are masked below
+            logits = (xc @ w.t()).float()  # (R, V) float32 statistics, as masked_cross_entropy's .float()
+            if softcap:  # cap * tanh(logits / cap), in float32 (tanh saturates early in bfloat16)
+                logits = torch.tanh(logits / softcap).mul_(softcap)
+            lse = torch.logsumexp(logits, dim=1)  # (R,)
+            total = total + torch.where(valid, lse - logits.gather(1, tgt).squeeze(1), 0.0).sum()
+            if not (want_grad_x or want_grad_w):
+                continue
+            # Through the soft-cap: d (cap * tanh(z / cap)) / dz = 1 - tanh^2 = 1 - (logits / cap)^2.
+            slope = 1 - (logits / softcap).square_() if softcap else None  # (R, V)
+            # d loss / d logits = (softmax - one-hot) / n on counted rows, 0 on ignored ones, made in place
+            # in the logits' buffer: one (R, V) float32 buffer per chunk, two with the soft-cap.
+            grad = logits.sub_(lse.unsqueeze(1)).exp_()  # (R, V) softmax
+            grad.scatter_add_(1, tgt, torch.full_like(tgt, -1, dtype=grad.dtype))
+            grad.mul_((valid / n).unsqueeze(1))
+            if slope is not None:
+                grad.mul_(slope)
+            grad = grad.to(dtype)  # (R, V), the matmuls in the compute dtype like the plain backward
+            if want_grad_x:
+                grad_x[start : start + chunk_rows] = grad @ w  # (R, C)
+            if want_grad_w and grad_w.dtype == dtype:
+                grad_w.addmm_(grad.t(), xc)  # (V, C), no temporary
+            elif want_grad_w:
+                grad_w += grad.t() @ xc  # (V, C): bf16 products summed over chunks in float32 (add_ upcasts)
+        loss = total / n
+        if want_grad_w:
+            grad_w = grad_w.to(weight.dtype)
+    return loss, grad_x, grad_w

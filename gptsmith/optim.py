@@ -23,19 +23,57 @@ import torch.nn as nn
 NS_COEFFS = (3.4445, -4.7750, 2.0315)
 
 
-def newton_schulz(G: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.Tensor:
-    """Approximately orthogonalise the matrix G (rows, cols): U V^T of its SVD, by a quintic iteration."""
+def newton_schulz(
+    G: torch.Tensor, steps: int = 5, eps: float = 1e-7, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """Approximately orthogonalise G (rows, cols), or each matrix of a stack (n, rows, cols): U V^T
+    of its SVD, by a quintic iteration computed in dtype."""
     a, b, c = NS_COEFFS
-    X = G.float()
-    wide = X.size(0) <= X.size(1)
+    X = G.to(dtype)
+    wide = X.size(-2) <= X.size(-1)
     if not wide:  # iterate on the smaller Gram matrix X X^T
-        X = X.T
-    X = X / (X.norm() + eps)  # the spectral norm is at most the Frobenius norm, so all values are <= 1
+        X = X.mT
+    # The spectral norm is at most the Frobenius norm, so all singular values start <= 1.
+    X = X / ((X.norm() if X.dim() == 2 else X.norm(dim=(-2, -1), keepdim=True)) + eps)
     for _ in range(steps):
-        A = X @ X.T  # (r, r), r = min(rows, cols)
+        A = X @ X.mT  # (..., r, r), r = min(rows, cols)
         B = b * A + c * (A @ A)
         X = a * X + B @ X
-    return (X if wide else X.T).to(G.dtype)
+    return (X if wide else X.mT).to(G.dtype)
+
+
+def orthogonalize(updates: list[torch.Tensor], steps: int) -> list[torch.Tensor]:
+    """newton_schulz of every update. On a GPU the matrices of one shape go through together, one
+    batched matmul per iteration, in bfloat16 (as Muon's authors run it); on a CPU one by one in
+    float32. With several processes holding the same updates (DDP), each computes its share of
+    every shape and the shares are all-gathered, instead of every process computing all of them."""
+    if not updates:
+        return []
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    world = torch.distributed.get_world_size() if distributed else 1
+    rank = torch.distributed.get_rank() if distributed else 0
+    on_gpu = updates[0].is_cuda
+    by_shape: dict[torch.Size, list[int]] = {}
+    for i, u in enumerate(updates):
+        by_shape.setdefault(u.shape, []).append(i)
+    out: list[torch.Tensor] = [updates[0]] * len(updates)
+    for shape, index in by_shape.items():  # the same order on every rank: the collectives pair up
+        share = -(-len(index) // world)
+        mine = [updates[i] for i in index[rank * share : (rank + 1) * share]]  # none for late ranks of a few
+        if not mine:
+            done = updates[index[0]].new_zeros(0, *shape)
+        elif on_gpu:
+            done = newton_schulz(torch.stack(mine), steps, dtype=torch.bfloat16)
+        else:
+            done = torch.stack([newton_schulz(m, steps) for m in mine])
+        if world > 1:
+            done = torch.cat([done, done.new_zeros(share - len(done), *shape)])  # (share, rows, cols) on each rank
+            gathered = [torch.empty_like(done) for _ in range(world)]
+            torch.distributed.all_gather(gathered, done)
+            done = torch.cat(gathered)
+        for j, i in enumerate(index):
+            out[i] = done[j]
+    return out
 
 
 class Muon(torch.optim.Optimizer):
@@ -65,31 +103,66 @@ class Muon(torch.optim.Optimizer):
                 if p.dim() != 2:
                     raise ValueError(f"Muon updates 2-D matrices only, got a parameter of shape {tuple(p.shape)}")
 
+    # Like torch's fused AdamW, Muon takes GradScaler's protocol: before step() the caller may set
+    # found_inf (a float tensor on the device, 1 = skip this step) and grad_scale (to divide the
+    # gradients by), so a step is skipped on the device and the host never waits to decide it.
+    _step_supports_amp_scaling = True
+
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        """One update of every parameter that has a gradient."""
+        """One update of every parameter that has a gradient (none when found_inf is set)."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        found_inf, grad_scale = getattr(self, "found_inf", None), getattr(self, "grad_scale", None)
+        skip = None if found_inf is None else found_inf > 0
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
         for group in self.param_groups:
-            lr, mu = group["lr"] * group["lr_scale"], group["momentum"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(p)
-                buf = state["momentum_buffer"]
-                buf.mul_(mu).add_(p.grad)
-                update = p.grad.add(buf, alpha=mu) if group["nesterov"] else buf
-                update = newton_schulz(update, group["ns_steps"])
-                if group["weight_decay"]:
-                    p.mul_(1 - lr * group["weight_decay"])
-                # Orthogonal updates have unit singular values; tall matrices get a larger step so
-                # the per-element size of the update does not shrink with the number of rows.
-                p.add_(update, alpha=-lr * max(1.0, p.size(0) / p.size(1)) ** 0.5)
+            params = [p for p in group["params"] if p.grad is not None]
+            if params and (params[0].is_cuda or (distributed and torch.distributed.get_world_size() > 1)):
+                # Orthogonalised together: batched by shape on GPUs, shared out between processes.
+                momenta = [self._momentum(p, group, skip, grad_scale) for p in params]
+                updates = orthogonalize([update for _, update in momenta], group["ns_steps"])
+                for p, (buf, _), update in zip(params, momenta, updates):
+                    self._apply(p, group, buf, update, skip)
+            else:  # one at a time, each applied before the next is computed
+                for p in params:
+                    buf, update = self._momentum(p, group, skip, grad_scale)
+                    self._apply(p, group, buf, newton_schulz(update, group["ns_steps"]), skip)
         return loss
+
+    def _momentum(
+        self, p: torch.Tensor, group: dict[str, Any], skip: torch.Tensor | None, grad_scale: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the new momentum buffer, the (Nesterov) update to orthogonalise) of p. With a skip flag the
+        new momentum is kept apart until _apply lets the flag decide; without, it is updated in place."""
+        state = self.state[p]
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.zeros_like(p)
+        grad = p.grad if grad_scale is None else p.grad / grad_scale
+        mu, buf = group["momentum"], state["momentum_buffer"]
+        buf = buf * mu + grad if skip is not None else buf.mul_(mu).add_(grad)
+        return buf, grad.add(buf, alpha=mu) if group["nesterov"] else buf
+
+    def _apply(
+        self, p: torch.Tensor, group: dict[str, Any], buf: torch.Tensor, update: torch.Tensor, skip: torch.Tensor | None
+    ) -> None:
+        """Step p by the orthogonalised update (and decay it); with a skip flag set, keep p and its momentum."""
+        lr = group["lr"] * group["lr_scale"]
+        # Orthogonal updates have unit singular values; tall matrices get a larger step so the
+        # per-element size of the update does not shrink with the number of rows.
+        alpha = -lr * max(1.0, p.size(0) / p.size(1)) ** 0.5
+        if skip is None:
+            if group["weight_decay"]:
+                p.mul_(1 - lr * group["weight_decay"])
+            p.add_(update, alpha=alpha)
+            return
+        new_p = p * (1 - lr * group["weight_decay"]) if group["weight_decay"] else p
+        new_p = torch.add(new_p, update, alpha=alpha)
+        old_buf = self.state[p]["momentum_buffer"]  # decided on the device: no wait for the flag
+        old_buf.copy_(torch.where(skip, old_buf, buf))
+        p.copy_(torch.where(skip, p, new_p))
 
 
 class CombinedOptimizer:
@@ -101,6 +174,8 @@ class CombinedOptimizer:
 
     def __init__(self, *optimizers: torch.optim.Optimizer) -> None:
         self.optimizers = list(optimizers)
+        # GradScaler's protocol (see Muon) when every part takes it; step() hands the flags on.
+        self._step_supports_amp_scaling = all(getattr(o, "_step_supports_amp_scaling", False) for o in optimizers)
 
     @property
     def param_groups(self) -> list[dict[str, Any]]:
@@ -117,6 +192,8 @@ class CombinedOptimizer:
             with torch.enable_grad():
                 loss = closure()
         for opt in self.optimizers:
+            for flag in ("found_inf", "grad_scale"):  # GradScaler deletes them after a step: None then
+                setattr(opt, flag, getattr(self, flag, None))
             opt.step()
         return loss
 
@@ -224,6 +301,28 @@ def build_optimizer(model: nn.Module, settings: dict[str, Any], device_type: str
             ns_steps=settings.get("muon_ns_steps", 5),
         )
     return adamw(model.parameters(), **common)
+
+
+# Devices whose tensors the host reads without waiting for anything (no queue of kernels to drain):
+# there step_unless reads the flag and the optimizers keep their plain in-place updates.
+# (Tests empty it to run the GPU's path on a CPU.)
+HOST_READABLE = {"cpu"}
+
+
+def step_unless(optimizer: Any, skip: torch.Tensor) -> None:
+    """optimizer.step() unless skip (a bool tensor on the device) is set, without making the host
+    wait for the device where the optimizer takes GradScaler's found_inf (fused AdamW, Muon, both
+    combined): the kernels read the flag and leave weights, moments and step counts as they were.
+    Other optimizers (AdamW where this torch has no fused kernel for the device) read skip: a sync."""
+    if skip.device.type in HOST_READABLE or not getattr(optimizer, "_step_supports_amp_scaling", False):
+        if not skip.item():
+            optimizer.step()
+        return
+    optimizer.found_inf = skip.float()
+    try:
+        optimizer.step()
+    finally:
+        optimizer.found_inf = None
 
 
 def get_lr(it: int, cfg: Any) -> float:

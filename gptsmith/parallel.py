@@ -66,16 +66,39 @@ def shard(model: GPT, rt: Runtime) -> None:
     if rt.dtype == "bfloat16":
         # Compute in bfloat16 but reduce gradients and keep the sharded master weights in float32.
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-    for block in model.transformer.h:
-        fully_shard(block, mesh=mesh, mp_policy=policy)
-    fully_shard(model, mesh=mesh, mp_policy=policy)  # the root holds wte and lm_head: one tied parameter
+    blocks = list(model.transformer.h)
+    for i, block in enumerate(blocks):
+        # The last block's backward starts right after its forward: gathering its weights again
+        # at once would be wasted traffic, so it keeps them (as the root does, below).
+        fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=i < len(blocks) - 1)
+    # The root holds wte and lm_head (one tied parameter), used first and last in forward and
+    # first in backward: kept gathered between them.
+    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=False)
 
 
-def wrap_ddp(model: torch.nn.Module, rt: Runtime) -> torch.nn.Module:
-    """DistributedDataParallel: rank 0's weights are broadcast, gradients averaged in backward."""
+def wrap_ddp(model: torch.nn.Module, rt: Runtime, static_graph: bool = True) -> torch.nn.Module:
+    """DistributedDataParallel: rank 0's weights are broadcast, gradients averaged in backward.
+
+    gradient_as_bucket_view: the gradients live in DDP's communication buckets instead of being
+    copied in and out (less memory, fewer copies). static_graph: every step uses the same
+    parameters in the same order (true of this model), so DDP learns the order once and skips
+    its per-step search for unused parameters; not valid with activation checkpointing, whose
+    recomputation fires the gradient hooks in another pattern (DDP's reducer then asserts)."""
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    return DDP(model, device_ids=[rt.local_rank] if rt.device_type == "cuda" else None)
+    return DDP(
+        model,
+        device_ids=[rt.local_rank] if rt.device_type == "cuda" else None,
+        gradient_as_bucket_view=True,
+        static_graph=static_graph,
+    )
+
+
+def compile_blocks(model: GPT) -> None:
+    """torch.compile each transformer block in place, before FSDP shards it: compiling the sharded
+    root instead leaves dynamo falling back to eager around FSDP's hooks. Parameter names stay."""
+    for block in model.transformer.h:
+        block.compile(fullgraph=True, dynamic=False)
 
 
 def grad_sync(model: torch.nn.Module, raw_model: torch.nn.Module, mode: str | None, sync: bool) -> Any:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
@@ -19,18 +20,24 @@ from gptsmith.configurator import UserError
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
-# Dense (no sparsity) peak FLOP/s of GPUs we know, for bf16/fp16 and for fp32 (TF32 on tensor cores).
-# Matched against torch.cuda.get_device_name() in order, so put the more specific names first.
+# Dense (no sparsity) peak FLOP/s of GPUs we know, for bf16/fp16 and for fp32 (TF32 on tensor cores),
+# from the vendors' datasheets (which quote twice these with 2:4 sparsity). Matched against
+# torch.cuda.get_device_name() as substrings in order, so a name that contains another comes first
+# ("GB200" before "B200", "H100 NVL" and "H100 PCIe" before "H100").
 GPU_PEAK_FLOPS = [
-    ("H200", 989e12, 494e12),
-    ("H100 PCIe", 756e12, 378e12),
-    ("H100", 989e12, 494e12),
-    ("GH200", 989e12, 494e12),
+    ("GB200", 2500e12, 1250e12),  # one Blackwell GPU of a GB200 superchip
     ("B200", 2250e12, 1100e12),
+    ("GH200", 989e12, 494e12),  # Hopper, as the H100 SXM
+    ("H200", 989e12, 494e12),
+    ("H100 NVL", 835e12, 418e12),
+    ("H100 PCIe", 756e12, 378e12),
+    ("H100", 989e12, 494e12),  # the SXM module: "NVIDIA H100 80GB HBM3"
+    ("H800", 989e12, 494e12),
     ("A100", 312e12, 156e12),
+    ("L40S", 362e12, 183e12),
+    ("L40", 181e12, 90.5e12),
     ("A10G", 70e12, 35e12),
     ("A10", 125e12, 62.5e12),
-    ("L40S", 362e12, 183e12),
     ("L4", 121e12, 60e12),
     ("RTX 4090", 165e12, 82.6e12),
     ("RTX 3090", 71e12, 35.6e12),
@@ -49,7 +56,9 @@ class Runtime:
     local_rank: int = 0
     world_size: int = 1
     cast_by_fsdp: bool = False  # FSDP's mixed-precision policy casts the parameters, so no autocast
+    dtype_reason: str = ""  # why dtype=auto chose dtype, when it took a measurement to choose
     owns_group: bool = False  # setup_runtime made the process group, so teardown ends it
+    attention: Any = None  # the sdpa_kernel context setup_runtime entered (see choose_attention); teardown leaves it
 
     @property
     def device_type(self) -> str:
@@ -97,7 +106,8 @@ def resolve_device(device: str) -> str:
 
 
 def resolve_dtype(dtype: str, device: str) -> str:
-    """'auto' -> bfloat16 where the GPU supports it, float16 on older CUDA GPUs, else float32."""
+    """'auto' -> bfloat16 where the GPU supports it, float16 on older CUDA GPUs, else float32
+    (for training on a CPU with bfloat16 units, cpu_training_dtype may then pick bfloat16)."""
     if dtype not in ("auto", *DTYPES):
         raise UserError(f"dtype={dtype!r} is not one of auto, float32, bfloat16, float16")
     if dtype != "auto":
@@ -119,8 +129,10 @@ def check_torch_version(version: str | None = None) -> None:
         raise UserError(f"gptsmith needs torch >= {floor}, this is torch {version}; install a newer torch first")
 
 
-def setup_runtime(device: str = "auto", dtype: str = "auto", backend: str = "auto", group: bool = False) -> Runtime:
-    """Pick device and dtype, and join the process group when launched by torchrun.
+def setup_runtime(
+    device: str = "auto", dtype: str = "auto", backend: str = "auto", group: bool = False, sdpa_backend: str = "auto"
+) -> Runtime:
+    """Pick device, dtype and attention kernels, and join the process group when launched by torchrun.
 
     group=True makes a process group of one when not launched by torchrun (FSDP needs one).
     """
@@ -146,7 +158,38 @@ def setup_runtime(device: str = "auto", dtype: str = "auto", backend: str = "aut
     if rt.device_type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 tensor cores for float32 matmuls
         torch.backends.cudnn.allow_tf32 = True
+    rt.attention = choose_attention(sdpa_backend, rt.device)
     return rt
+
+
+SDPA_BACKENDS = ("auto", "cudnn", "flash", "efficient", "math")
+
+
+def choose_attention(name: str, device: str) -> Any:
+    """Enter (for the whole run) the scaled_dot_product_attention kernels to use, in order of preference.
+
+    'auto' on a Hopper or newer GPU prefers cuDNN's fused attention, then flash, then memory-efficient,
+    then math: torch's own order puts cuDNN last. Elsewhere 'auto' leaves torch's choice (on a CPU:
+    its flash kernel where the inputs allow, else math). A named backend is forced: inputs it cannot
+    take then fail with torch's message rather than silently running slower."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    if name not in SDPA_BACKENDS:
+        raise UserError(f"sdpa_backend={name!r} is not one of {', '.join(SDPA_BACKENDS)}")
+    kinds = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
+             "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}  # fmt: skip
+    on_gpu = device.startswith("cuda")
+    if name == "auto":
+        if not (on_gpu and torch.cuda.get_device_capability(device) >= (9, 0)):
+            return None
+        order = [kinds[k] for k in ("cudnn", "flash", "efficient", "math")]
+    elif not on_gpu and name not in ("flash", "math"):
+        raise UserError(f"sdpa_backend={name} needs a CUDA GPU; on {device} there are flash and math")
+    else:
+        order = [kinds[name]]
+    context = sdpa_kernel(order, set_priority=True)
+    context.__enter__()
+    return context
 
 
 def _backend(backend: str, device: str) -> str:
@@ -185,9 +228,83 @@ def _init_group(backend: str, device: str, **kwargs: Any) -> None:
 
 
 def teardown(rt: Runtime) -> None:
-    """Leave the process group setup_runtime joined; one the caller made is left to the caller."""
+    """Leave the process group setup_runtime joined (one the caller made is left to the caller)
+    and restore torch's attention kernel choice."""
+    if rt.attention is not None:
+        rt.attention.__exit__(None, None, None)
+        rt.attention = None
     if rt.owns_group and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+
+
+# --- dtype=auto on a CPU: bfloat16 where the CPU has units for it and it pays off -----------------
+
+BF16_CPU_FLAGS = {"amx_bf16", "avx512_bf16", "bf16"}  # /proc/cpuinfo: Intel AMX, AVX-512 BF16; Arm's BF16
+BF16_MIN_WIDTH = 256  # below this n_embd the matmuls are too small to pay for autocast's casts
+BF16_MIN_SPEEDUP = 1.25  # a clear margin, so timing noise does not flip the choice between runs
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (Linux /proc/cpuinfo); empty elsewhere."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def cpu_training_dtype(config: Any, batch_size: int, remeasure: bool = False) -> tuple[str, str]:
+    """(dtype, why) for training the model of config (a GPTConfig) with dtype=auto on this CPU.
+
+    bfloat16 autocast only pays where the CPU has bfloat16 units (AMX: ~8x float32's matmul
+    rate) and the matmuls are big enough to pay for the casts around them; measured on an AMX
+    Xeon, the 384-wide baby GPT trains 2x faster in bfloat16 but the 128-wide speedrun model 5%
+    slower. So: float32 without such units or below BF16_MIN_WIDTH, else one block's forward
+    and backward timed in both dtypes, once per machine and shape (kept beside the peak FLOP/s)."""
+    if not BF16_CPU_FLAGS & cpu_flags():
+        return "float32", "this CPU has no bfloat16 units"
+    if config.n_embd < BF16_MIN_WIDTH:
+        return "float32", f"n_embd {config.n_embd} < {BF16_MIN_WIDTH}: too small for bfloat16 to pay off"
+    rows = max(1, min(batch_size, 2048 // config.block_size))  # ~2k tokens: big enough, quick to time
+    key = (
+        f"cpu dtype: {_cpu_model()} x{os.cpu_count()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+        f"block {config.n_embd}/{config.n_head}/{config.kv_heads}/{config.activation}/{config.norm}/"
+        f"{config.pos_emb}/{config.qk_norm}, {rows}x{config.block_size} tokens"
+    )
+    path = peak_cache_path()
+    speedup = _read_json(path).get(key)
+    where = f"measured earlier on this machine, {path}"
+    if not isinstance(speedup, (int, float)) or remeasure:
+        before = _cpu_ticks()
+        t0 = time.perf_counter()
+        speedup = _time_block(config, rows, torch.float32) / _time_block(config, rows, torch.bfloat16)
+        where = "measured now"
+        if _others_share(before, time.perf_counter() - t0) <= BUSY_LIMIT:
+            _write_json(path, {**_read_json(path), key: speedup})
+            where += f", kept in {path}"
+    dtype = "bfloat16" if speedup >= BF16_MIN_SPEEDUP else "float32"
+    return dtype, f"a block runs {speedup:.2f}x as fast in bfloat16 as in float32 ({where})"
+
+
+def _time_block(config: Any, rows: int, dtype: torch.dtype, reps: int = 3) -> float:
+    """Median seconds of one transformer block's forward and backward on random input, (rows, T, C)."""
+    from gptsmith.model import Block, rope_tables
+
+    with torch.random.fork_rng(devices=[]):  # building and probing must not move the training RNG
+        torch.manual_seed(0)
+        block = Block(dataclasses.replace(config, dropout=0.0))
+        x = torch.randn(rows, config.block_size, config.n_embd, requires_grad=True)
+        rope = rope_tables(config.block_size, config.n_embd // config.n_head) if config.pos_emb == "rope" else None
+        times = []
+        for _ in range(reps + 1):  # the first warms up kernels and caches
+            t0 = time.perf_counter()
+            with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+                y = block(x, rope=rope)
+            y.float().sum().backward()
+            times.append(time.perf_counter() - t0)
+    return sorted(times[1:])[len(times[1:]) // 2]
 
 
 @dataclass
@@ -305,9 +422,14 @@ def measure_matmul_flops(device: str, dtype: torch.dtype, n: int = 1024, seconds
         t0 = time.perf_counter()
         (a @ b).sum().item()  # .item() waits for asynchronous devices
         best = min(best, time.perf_counter() - t0)
-    after, wall = _cpu_ticks(), time.perf_counter() - t_start
-    others = 0.0
-    if before is not None and after is not None and device == "cpu":
-        capacity = wall * os.sysconf("SC_CLK_TCK") * (os.cpu_count() or 1)
-        others = max(0.0, (after[0] - before[0]) - (after[1] - before[1])) / capacity
+    others = _others_share(before, time.perf_counter() - t_start) if device == "cpu" else 0.0
     return 2 * n**3 / best, others
+
+
+def _others_share(before: tuple[int, int] | None, wall: float) -> float:
+    """The share of the machine's CPU time that other processes used since before = _cpu_ticks()."""
+    after = _cpu_ticks()
+    if before is None or after is None:
+        return 0.0
+    capacity = wall * os.sysconf("SC_CLK_TCK") * (os.cpu_count() or 1)
+    return max(0.0, (after[0] - before[0]) - (after[1] - before[1])) / capacity

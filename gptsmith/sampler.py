@@ -54,7 +54,7 @@ def load_model(cfg: SampleConfig) -> tuple[GPT, dict[str, Any] | None]:
 
 def sample(cfg: SampleConfig) -> list[str]:
     """Load the model, draw cfg.num_samples continuations of the prompt, return them."""
-    rt = setup_runtime(cfg.device, cfg.dtype)
+    rt = setup_runtime(cfg.device, cfg.dtype, sdpa_backend=cfg.sdpa_backend)
     try:
         model, meta = load_model(cfg)
         model = model.to(rt.device).eval()
@@ -63,7 +63,9 @@ def sample(cfg: SampleConfig) -> list[str]:
         if not ids:
             raise UserError("the prompt is empty; give --start some text")
         if cfg.compile:
-            model.forward = torch.compile(model.forward, dynamic=True)  # generate() calls it per token
+            # The KV-cache decode step, the same shapes at every token: compiled once, a CUDA graph on GPUs.
+            # (The prompt's prefill, once per window, and window=slide's recomputation run uncompiled.)
+            model.compile_decode()
         torch.manual_seed(cfg.seed)
         prompt = torch.tensor(ids, dtype=torch.long, device=rt.device)[None, ...]  # (1, T)
         samples = []

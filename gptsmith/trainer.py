@@ -36,7 +36,7 @@ from gptsmith.configurator import UserError, cli_errors, read_overrides, show_pr
 from gptsmith.metrics import MetricsLog, Speedometer, duration, print_banner, print_summary, refresh_plot
 from gptsmith.model import GPT
 from gptsmith.optim import get_lr
-from gptsmith.runtime import Peak, Runtime, peak_flops, setup_runtime, teardown
+from gptsmith.runtime import Peak, Runtime, cpu_training_dtype, peak_flops, setup_runtime, teardown
 from gptsmith.sampler import eval_sample
 
 
@@ -75,6 +75,50 @@ class TrainData:
 
 
 @dataclass
+class StepReport:
+    """What the host learns about a step once the device is done with it."""
+
+    iter_num: int
+    loss: float  # mean over micro-steps and ranks
+    finite: bool  # loss and gradient finite (float16: the loss; the GradScaler skips gradients)
+    stop_asked: bool  # distributed: some rank caught a signal (one process: run.caught says at once)
+
+
+class StepHealth:
+    """Each step's [loss, non-finite, stop asked] tensor stays on the device and is copied to the
+    host without waiting (into pinned memory on CUDA, with an event); push() returns the previous
+    step's report, which the device has finished long before, so the host never stalls the queue.
+    flush() waits for the latest step: at log steps, before evaluations and at the end."""
+
+    def __init__(self, device: str) -> None:
+        self.cuda = device.startswith("cuda")
+        self.pending: tuple[int, torch.Tensor, Any] | None = None
+
+    def push(self, iter_num: int, health: torch.Tensor) -> StepReport | None:
+        previous = self.flush()
+        if self.cuda:
+            host = torch.empty(health.shape, dtype=health.dtype, pin_memory=True)
+            host.copy_(health, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+        else:
+            host, event = health.detach().to("cpu", copy=True), None
+        self.pending = (iter_num, host, event)
+        return previous
+
+    def flush(self) -> StepReport | None:
+        if self.pending is None:
+            return None
+        iter_num, host, event = self.pending
+        self.pending = None
+        if event is not None:
+            event.synchronize()
+        values = host.numpy()
+        stop_asked = len(values) > 2 and values[2] > 0
+        return StepReport(iter_num, float(values[0]), finite=not values[1] > 0, stop_asked=bool(stop_asked))
+
+
+@dataclass
 class Run:
     """Everything a training run is made of, built once by build_run()."""
 
@@ -87,6 +131,7 @@ class Run:
     scaler: torch.amp.GradScaler
     peak: Peak
     log: MetricsLog
+    health: StepHealth  # each step's loss and health, read by the host one step late
     caught: list[int] = field(default_factory=list)  # signals received (SignalCatcher fills it)
 
     @property
@@ -148,6 +193,7 @@ def build_run(cfg: TrainConfig, explicit: set[str], rt: Runtime) -> tuple[Run, T
     if cfg.sharded:
         _recover_sharded(out_dir, rt)
     start = init_from.resolve(cfg, explicit, out_dir, rt.master)
+    _choose_cpu_dtype(start, rt)
     cfg = dataclasses.replace(start.cfg, gradient_accumulation_steps=start.cfg.accumulation_steps(rt.world_size))
     data = open_data(cfg, start)
     _check_out_dir(out_dir, rt)
@@ -158,10 +204,11 @@ def build_run(cfg: TrainConfig, explicit: set[str], rt: Runtime) -> tuple[Run, T
     if start.state is not None:
         state = restore(start.state, model=model, optimizer=optimizer, scaler=scaler, rt=rt, cfg=cfg)
     raw_model, forward_model = model, model
-    if cfg.compile:
-        forward_model = torch.compile(forward_model)
+    if cfg.compile and not cfg.sharded:  # (under FSDP build_model compiled each block)
+        # One graph for the whole model, shapes fixed: every batch has the same (B, T).
+        forward_model = torch.compile(forward_model, fullgraph=True, dynamic=False)
     if rt.distributed and cfg.parallel == "ddp":
-        forward_model = parallel.wrap_ddp(forward_model, rt)
+        forward_model = parallel.wrap_ddp(forward_model, rt, static_graph=not cfg.activation_checkpointing)
     peak = Peak(None, "only rank 0 reports MFU")
     with ckpt_io.isolated_rng():  # measuring and wandb.init must not move the training random streams
         if rt.master:
@@ -177,10 +224,24 @@ def build_run(cfg: TrainConfig, explicit: set[str], rt: Runtime) -> tuple[Run, T
         scaler=scaler,
         peak=peak,
         log=log,
+        health=StepHealth(rt.device),
     )
     if rt.master:
         print_banner(cfg, run)
     return run, state
+
+
+def _choose_cpu_dtype(start: init_from.Start, rt: Runtime) -> None:
+    """dtype=auto on a CPU: bfloat16 where it trains this model clearly faster (runtime.cpu_training_dtype).
+    Rank 0 decides for all: ranks timing at once would disturb each other and could disagree."""
+    cfg = start.cfg
+    if cfg.dtype != "auto" or rt.device_type != "cpu":
+        return
+    config = start.pretrained.config if start.pretrained is not None else cfg.gpt_config(vocab_size=1)
+    choice = [cpu_training_dtype(config, cfg.batch_size) if rt.master else None]
+    if rt.distributed:
+        torch.distributed.broadcast_object_list(choice, src=0)
+    rt.dtype, rt.dtype_reason = choice[0]
 
 
 def open_data(cfg: TrainConfig, start: init_from.Start) -> TrainData:
@@ -257,6 +318,8 @@ def build_model(cfg: TrainConfig, start: init_from.Start, vocab_size: int, rt: R
     if cfg.activation_checkpointing:
         parallel.checkpoint_activations(model)
     if cfg.sharded:
+        if cfg.compile:
+            parallel.compile_blocks(model)
         parallel.shard(model, rt)
         rt.cast_by_fsdp = True  # its mixed-precision policy computes in bfloat16; autocast would only add casts
     return model
@@ -315,17 +378,21 @@ def fit(run: Run, state: TrainState) -> dict[str, Any]:
             while True:
                 lr = set_lr(run, state.iter_num)
                 if run.should_eval(state):
+                    check_step(run, run.health.flush())  # a bad step must not reach a checkpoint
                     t_eval = time.perf_counter()
                     losses = evaluate(run, state, lr, elapsed=time.time() - t_start)
                     eval_time += time.perf_counter() - t_eval
                     clock.mark(state.iter_num)  # evaluation time is not training time
                 if state.iter_num >= cfg.max_iters or cfg.eval_only:
                     break
-                loss, stop_asked = train_step(run, state)
+                stop_asked = check_step(run, train_step(run, state))  # the previous step's report
                 if run.should_log(state):
-                    last = log_step(run, state, loss, lr, clock)
-                if stop_asked:
+                    report = run.health.flush()  # this step's figures: the only wait for the device
+                    stop_asked |= check_step(run, report)
+                    last = log_step(run, state, report.loss, lr, clock)
+                if stop_asked or (bool(run.caught) and not run.rt.distributed):
                     stop(run, state)
+            check_step(run, run.health.flush())
         finally:
             run.log.close()
     return summarize(
@@ -346,44 +413,72 @@ def set_lr(run: Run, iter_num: int) -> float:
     return lr
 
 
-def train_step(run: Run, state: TrainState) -> tuple[torch.Tensor, bool]:
-    """One optimizer step over all micro-steps; returns (mean loss over ranks, whether to stop)."""
+def train_step(run: Run, state: TrainState) -> StepReport | None:
+    """One optimizer step over all micro-steps, queued without waiting for the device.
+
+    Whether the step is healthy (finite loss and gradient) is decided on the device, which skips
+    the update itself when it is not (optim.step_unless); the host learns it, and the mean loss
+    and (distributed) whether any rank caught a signal, one step later from run.health: the
+    report returned is the previous step's, or None."""
     cfg, rt, model = run.cfg, run.rt, run.model
     loss_sum = torch.zeros((), device=rt.device)
+    batch = _train_batch(run, state, 0)
     for micro in range(run.micro_per_rank):
-        offsets = run.data.sampler.offsets(state.iter_num, rt.rank * run.micro_per_rank + micro)
-        x, y = ds.get_batch(run.data.splits["train"], offsets, cfg.block_size, rt.device)
+        x, y = batch
         # Gradients are averaged over ranks only after the last micro-step; before, they accumulate.
         with parallel.grad_sync(model, run.raw_model, run.mode, sync=micro == run.micro_per_rank - 1):
             with rt.autocast():
-                _, loss = model(x, y)
+                _, loss = model(x, y, return_logits=False)
                 loss = loss / run.micro_per_rank  # each rank averages its micro-steps; DDP/FSDP average ranks
+            if micro + 1 < run.micro_per_rank:  # gathered and sent while the device works on this one
+                batch = _train_batch(run, state, micro + 1)
             loss_sum += loss.detach()
             run.scaler.scale(loss).backward()
     run.scaler.unscale_(run.optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(run.raw_model.parameters(), cfg.grad_clip or float("inf"))
     grad_norm = parallel.full_value(grad_norm)  # under FSDP a DTensor: the norm over all shards
-    stop_asked = _stop_requested(loss_sum, run.caught, rt)  # also averages loss_sum over ranks
     # With float16 the GradScaler owns non-finite gradients: its step() skips them and lowers the scale.
-    finite = math.isfinite(loss_sum.item()) and (run.scaler.is_enabled() or math.isfinite(grad_norm.item()))
-    if not finite and not cfg.skip_nonfinite:
-        raise UserError(
-            f"non-finite loss or gradient at step {state.iter_num} (loss {loss_sum.item()}); "
-            "the last good checkpoint is untouched. Lower learning_rate, or set skip_nonfinite=True"
-        )
-    if finite:
-        run.scaler.step(run.optimizer)
+    finite = loss_sum.isfinite() if run.scaler.is_enabled() else loss_sum.isfinite() & grad_norm.isfinite()
+    health = [loss_sum, (~finite).float()]
+    if rt.distributed:  # agree on the loss, the step's health and a stop, in one collective on the device
+        health.append(torch.full((), float(bool(run.caught)), device=rt.device))
+        health = torch.stack(health)
+        torch.distributed.all_reduce(health, op=torch.distributed.ReduceOp.AVG)
+    else:
+        health = torch.stack(health)
+    if run.scaler.is_enabled():
+        run.scaler.step(run.optimizer)  # skips on the device too, with a fused optimizer
         run.scaler.update()
     else:
-        if run.scaler.is_enabled():
-            run.scaler.update()  # lowers the scale, and closes this step's unscale_ so the next may call it
-        if rt.master:
-            print(f"step {state.iter_num}: skipped (non-finite loss or gradient)")
+        optim.step_unless(run.optimizer, health[1] > 0)
     run.optimizer.zero_grad(set_to_none=True)
+    report = run.health.push(state.iter_num, health)
     state.iter_num += 1
     state.tokens_seen += run.tokens_per_step
     state.evaluated = False
-    return loss_sum, stop_asked
+    return report
+
+
+def _train_batch(run: Run, state: TrainState, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Micro-step micro of this rank in the current step: a pure function of (seed, step, micro-step)."""
+    offsets = run.data.sampler.offsets(state.iter_num, run.rt.rank * run.micro_per_rank + micro)
+    return ds.get_batch(run.data.splits["train"], offsets, run.cfg.block_size, run.rt.device)
+
+
+def check_step(run: Run, report: StepReport | None) -> bool:
+    """Act on a finished step's report: stop on a non-finite one (its update was skipped on the
+    device), or report it skipped with skip_nonfinite; return whether to stop for a signal."""
+    if report is None:
+        return False
+    if not report.finite:
+        if not run.cfg.skip_nonfinite:
+            raise UserError(
+                f"non-finite loss or gradient at step {report.iter_num} (loss {report.loss}); "
+                "the last good checkpoint is untouched. Lower learning_rate, or set skip_nonfinite=True"
+            )
+        if run.rt.master:
+            print(f"step {report.iter_num}: skipped (non-finite loss or gradient)")
+    return report.stop_asked
 
 
 @torch.no_grad()
@@ -411,7 +506,7 @@ def estimate_loss(run: Run) -> dict[str, float] | None:
             i = r * rt.world_size + rt.rank
             x, y = ds.get_batch(run.data.splits[split], offsets[min(i, n_batches - 1)], run.cfg.block_size, rt.device)
             with rt.autocast():
-                _, loss = model(x, y)
+                _, loss = model(x, y, return_logits=False)
             n = (y != -1).sum() * (i < n_batches)
             total += torch.stack([loss.double() * n, n.double()])
         if rt.distributed:
@@ -465,12 +560,11 @@ def evaluate(run: Run, state: TrainState, lr: float, elapsed: float) -> dict[str
     return losses
 
 
-def log_step(run: Run, state: TrainState, loss: torch.Tensor, lr: float, clock: Speedometer) -> dict[str, Any]:
+def log_step(run: Run, state: TrainState, step_loss: float, lr: float, clock: Speedometer) -> dict[str, Any]:
     """nanoGPT's log line (plus tokens/s and the time left), and its record in metrics.jsonl."""
     dt = clock.lap(state.iter_num)
     tps = run.tokens_per_step / dt
     mfu = run.peak.mfu(run.raw_model.flops_per_token() * tps / run.rt.world_size)
-    step_loss = loss.item()
     eta = clock.eta(run.cfg.max_iters - state.iter_num)
     shown = f"{mfu * 100:.2f}%" if mfu is not None else "n/a"
     print(
@@ -585,17 +679,6 @@ def _any_rank(flag: bool, rt: Runtime) -> bool:
     return t.item() > 0
 
 
-def _stop_requested(loss_sum: torch.Tensor, caught: list[int], rt: Runtime) -> bool:
-    """Average loss_sum over ranks in place, and tell every rank whether any of them caught a
-    signal: saving is collective, so all must stop at the same step."""
-    if not rt.distributed:
-        return bool(caught)
-    stats = torch.stack([loss_sum, loss_sum.new_tensor(float(bool(caught)))])
-    torch.distributed.all_reduce(stats, op=torch.distributed.ReduceOp.AVG)
-    loss_sum.copy_(stats[0])
-    return stats[1].item() > 0
-
-
 # --- the command -----------------------------------------------------------------------------------
 
 
@@ -605,7 +688,7 @@ def train(cfg: TrainConfig, explicit: set[str] | frozenset[str] = frozenset()) -
     explicit names the keys the user set on the command line or in config files; on resume
     the checkpoint's architecture wins over defaults but must agree with explicit keys.
     """
-    rt = setup_runtime(cfg.device, cfg.dtype, cfg.backend, group=cfg.sharded)
+    rt = setup_runtime(cfg.device, cfg.dtype, cfg.backend, group=cfg.sharded, sdpa_backend=cfg.sdpa_backend)
     try:
         run, state = build_run(cfg, set(explicit), rt)
         return fit(run, state)

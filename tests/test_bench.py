@@ -9,6 +9,7 @@ import pytest
 from gptsmith.bench import bench
 from gptsmith.config import BenchConfig
 from gptsmith.configurator import UserError
+from gptsmith.model import GPT
 
 TINY = dict(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=65, device="cpu", peak_flops=1e11)
 
@@ -34,6 +35,19 @@ def test_bench_sample_compares_cache_and_recompute(capsys):
     record = json.loads(out.strip().splitlines()[-1])
     assert record["kv_cache_tokens_per_sec"] == pytest.approx(result["kv_cache"])
     assert record["speedup"] == pytest.approx(result["kv_cache"] / result["recompute"])
+
+
+@pytest.mark.slow  # torch.compile: about 10 s on a 2-core CPU
+def test_bench_sample_compiles_the_decode_step(capsys, monkeypatch):
+    compiled = []
+    real = GPT.compile_decode
+    monkeypatch.setattr(GPT, "compile_decode", lambda model: compiled.append(model) or real(model))
+    result = bench(BenchConfig(what="sample", max_new_tokens=40, repeats=1, compile=True, **TINY))
+    assert len(compiled) == 1 and result["kv_cache"] > 0 and result["recompute"] > 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    modes = ["sample (KV cache)", "sample (recompute)", "KV cache speed-up"]  # the lines as without compile
+    assert [line.split(":")[0] for line in lines[1:4]] == modes
+    assert json.loads(lines[-1])["compile"] is True
 
 
 def test_bench_sample_counts_every_sequence_of_a_batch(capsys):

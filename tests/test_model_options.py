@@ -14,7 +14,7 @@ from gptsmith import checkpoint as ckpt_io
 from gptsmith.config import ExportConfig, TrainConfig
 from gptsmith.configurator import UserError
 from gptsmith.hf import export
-from gptsmith.model import GPT, GPTConfig, KVCache, swiglu_hidden
+from gptsmith.model import GPT, GPTConfig, swiglu_hidden
 from gptsmith.optim import CombinedOptimizer, Muon, configure_muon, get_lr, muon_param_split, newton_schulz
 from gptsmith.trainer import train
 
@@ -69,10 +69,12 @@ def test_cached_forward_equals_full_forward(options):
     model = tiny(**options)
     idx = torch.randint(0, 50, (2, 12))
     full, _ = model(idx, torch.zeros_like(idx))
-    cache = KVCache(model.config.n_layer, model.config.block_size)
-    outs = [model(idx[:, :5], torch.zeros(2, 5, dtype=torch.long), cache=cache)[0]]  # a prompt
-    outs.append(model(idx[:, 5:9], torch.zeros(2, 4, dtype=torch.long), cache=cache)[0])  # a chunk after it
-    outs += [model(idx[:, t : t + 1], cache=cache)[0] for t in range(9, 12)]  # one position at a time
+    cache = model.kv_cache(2)
+    assert cache.k.shape == (2, 2, model.config.kv_heads, 16, 8)  # (n_layer, B, n_kv_head, block_size, hs)
+    outs = [model(idx[:, :5], torch.zeros(2, 5, dtype=torch.long), cache=cache)[0]]  # a prompt (prefill)
+    chunk = model(idx[:, 5:9], torch.zeros(2, 4, dtype=torch.long), cache=cache, pos=torch.arange(5, 9))[0]
+    outs.append(chunk)  # a chunk after it
+    outs += [model.decode_one_token(idx[:, t : t + 1], torch.tensor([t]), cache)[:, None] for t in range(9, 12)]
     torch.testing.assert_close(torch.cat(outs, dim=1), full, atol=1e-5, rtol=1e-4)
 
 
