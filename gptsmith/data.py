@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from gptsmith.configurator import UserError
+from gptsmith.generated import GeneratedSplit
 
 DATA_ROOT = Path("data")  # relative to the current directory, as in nanoGPT: run the commands from the clone
 GPT2_BPE_TOKENS = 50257  # GPT-2's BPE vocabulary: the rows of OpenAI's embedding matrix
@@ -276,10 +277,11 @@ def eval_offsets(n_tokens: int, block_size: int, batch_size: int, eval_iters: in
 
 
 def get_batch(
-    data: np.ndarray | TargetedTokens, offsets: np.ndarray, block_size: int, device: str
+    data: np.ndarray | TargetedTokens | GeneratedSplit, offsets: np.ndarray, block_size: int, device: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Inputs x and targets y, each (B, T), for windows starting at offsets: y is the next
-    tokens, or for a split with its own targets the targets of x's tokens.
+    tokens, or for a split with its own targets the targets of x's tokens; for a generated
+    split the offsets are the rows' keys (gptsmith.generated).
     An offset of -1 (padding of the last eval batch) yields targets of -1, ignored by the loss.
 
     The windows are gathered into one contiguous host tensor, (B, T+1) or for own targets
@@ -287,7 +289,9 @@ def get_batch(
     working; x and y are slices of the device copy (x a view: the embedding takes it as is)."""
     pad = offsets < 0
     starts = np.clip(offsets, 0, None)[:, None]
-    if isinstance(data, TargetedTokens):
+    if isinstance(data, GeneratedSplit):  # offsets are the rows' keys
+        host = torch.from_numpy(data.rows(offsets))  # (2, B, T)
+    elif isinstance(data, TargetedTokens):
         window = starts + np.arange(block_size)  # (B, T)
         host = torch.from_numpy(np.stack([data.tokens[window], data.targets[window]]).astype(np.int64))  # (2, B, T)
     else:
@@ -296,7 +300,7 @@ def get_batch(
         batch = host.pin_memory().to(device, non_blocking=True)
     else:
         batch = host.to(device)
-    x, y = (batch[0], batch[1]) if isinstance(data, TargetedTokens) else (batch[:, :-1], batch[:, 1:])
+    x, y = (batch[0], batch[1]) if isinstance(data, (TargetedTokens, GeneratedSplit)) else (batch[:, :-1], batch[:, 1:])
     if pad.any():  # only the last batch of a whole-split evaluation: a small extra copy is fine
         y = y.masked_fill(torch.from_numpy(pad[:, None]).to(device), -1)
     return x, y

@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from gptsmith import checkpoint as ckpt_io
 from gptsmith import data as ds
-from gptsmith import init_from, optim, parallel
+from gptsmith import generated, init_from, optim, parallel
 from gptsmith.config import TrainConfig
 from gptsmith.configurator import UserError, cli_errors, read_overrides, show_progress
 from gptsmith.metrics import MetricsLog, Speedometer, duration, print_banner, print_summary, refresh_plot
@@ -247,6 +247,8 @@ def _choose_cpu_dtype(start: init_from.Start, rt: Runtime) -> None:
 def open_data(cfg: TrainConfig, start: init_from.Start) -> TrainData:
     """The dataset's splits, checked (ids within the vocabulary, windows fit), the sampler and eval batches."""
     folder = ds.dataset_dir(cfg.dataset)
+    if generated.generator_path(folder) is not None:
+        return open_generated(cfg, start, generated.generator_path(folder))
     meta = ds.load_meta(folder)
     vocab_size = meta["vocab_size"] if meta else ds.GPT2_VOCAB_SIZE
     if start.state is not None:
@@ -276,6 +278,33 @@ def open_data(cfg: TrainConfig, start: init_from.Start) -> TrainData:
         for s in evaluated
     }
     return TrainData(meta=meta, vocab_size=vocab_size, splits=splits, sampler=sampler, eval_offsets=eval_offsets)
+
+
+def open_generated(cfg: TrainConfig, start: init_from.Start, path: Path) -> TrainData:
+    """A dataset made on the fly by its generate.py: each row of a batch is a key drawn from
+    (seed, step, micro-step) as a token file's windows are, and the generator's example for it."""
+    module = generated.load_generator(path, cfg.dataset)
+    splits = {s: generated.GeneratedSplit(module, s, path) for s in ("train", "val")}
+    meta = splits["train"].meta
+    ds.example_length(meta, cfg.block_size, cfg.dataset)  # block_size must be the generator's
+    if cfg.sampler != "random":
+        raise UserError(f"dataset '{cfg.dataset}' is generated, so it has no epochs: use sampler='random'")
+    if cfg.eval_iters == 0:
+        raise UserError(f"dataset '{cfg.dataset}' is generated and never ends: set eval_iters > 0")
+    vocab_size = start.state["model_args"]["vocab_size"] if start.state is not None else module.meta["vocab_size"]
+    if start.pretrained is not None:
+        vocab_size = init_from.pretrained_vocab(start.pretrained, module.meta, cfg)
+    sampler = ds.BatchSampler(
+        n_tokens=generated.KEY_RANGE,
+        block_size=0,
+        batch_size=cfg.batch_size,
+        micro_steps=cfg.gradient_accumulation_steps,
+        seed=cfg.seed,
+        example_len=1,  # a "window" is one key
+    )
+    evaluated = ("train", "val") if cfg.eval_train else ("val",)
+    eval_offsets = {s: generated.eval_keys(cfg.eval_iters, cfg.batch_size, ds.EVAL_SEED) for s in evaluated}
+    return TrainData(meta=module.meta, vocab_size=vocab_size, splits=splits, sampler=sampler, eval_offsets=eval_offsets)
 
 
 def _check_out_dir(out_dir: Path, rt: Runtime) -> None:

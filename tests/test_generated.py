@@ -1,0 +1,178 @@
+"""Datasets generated on the fly (gptsmith.generated): pure batches, held-out problems, masking,
+exact resume, two processes as one, and one-line errors for broken generators."""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from gptsmith import checkpoint as ckpt_io
+from gptsmith import data as ds
+from gptsmith import generated
+from gptsmith.config import SampleConfig, TrainConfig
+from gptsmith.configurator import UserError
+from gptsmith.init_from import Start
+from gptsmith.sampler import sample
+from gptsmith.trainer import open_generated, train
+from helpers import ROOT, TINY, load_script, read_metrics
+
+REVERSE = ROOT / "data" / "reverse" / "generate.py"
+
+
+@pytest.fixture
+def reverse_cfg(tmp_path):
+    """A tiny run on data/reverse (the shipped generator); only sizes pinned, as in tests/helpers.TINY."""
+
+    def make(**overrides):
+        base = {**TINY, "block_size": 17, "eval_iters": 2, "out_dir": str(tmp_path / "out")}
+        return TrainConfig(dataset=str(REVERSE.parent), **{**base, **overrides})
+
+    return make
+
+
+def batches(cfg: TrainConfig, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
+    data = open_generated(cfg, Start(cfg=cfg), REVERSE)
+    return ds.get_batch(data.splits["train"], data.sampler.offsets(step, micro), cfg.block_size, "cpu")
+
+
+def test_a_batch_is_a_pure_function_of_seed_step_and_micro_step(reverse_cfg):
+    cfg = reverse_cfg(gradient_accumulation_steps=2)
+    x, y = batches(cfg, 5, 1)
+    x2, y2 = batches(cfg, 5, 1)
+    assert torch.equal(x, x2) and torch.equal(y, y2)
+    assert not torch.equal(x, batches(cfg, 6, 1)[0]) and not torch.equal(x, batches(cfg, 5, 0)[0])
+    assert not torch.equal(x, batches(dataclasses.replace(cfg, seed=7), 5, 1)[0])
+    assert x.shape == y.shape == (cfg.batch_size, 17)
+
+
+def test_only_the_answer_is_a_target_and_padding_is_masked():
+    module = generated.load_generator(REVERSE, "reverse")
+    split = generated.GeneratedSplit(module, "train", REVERSE)
+    rows = split.rows(np.arange(50))
+    itos = module.meta["itos"]
+    for tokens, targets in zip(*rows):
+        text = "".join(itos[t] for t in tokens)
+        digits = text.split(">")[0]
+        answer = [itos[t] for t in targets if t != -1]
+        assert "".join(answer) == digits[::-1] + "."  # the reversed digits and the end, nothing else
+        assert (targets[: len(digits)] == -1).all()  # no target on the random digits
+
+
+def test_held_out_problems_never_reach_training():
+    module = generated.load_generator(REVERSE, "reverse")
+    train_split = generated.GeneratedSplit(module, "train", REVERSE)
+    val_split = generated.GeneratedSplit(module, "val", REVERSE)
+
+    def problems(split, n):
+        return {generated.prompt(*split.example(key)) for key in range(n)}
+
+    seen, held = problems(train_split, 3000), problems(val_split, 300)
+    assert not seen & held
+    assert all(generated.is_held_out(p, 0.05) for p in held)
+    assert not any(generated.is_held_out(p, 0.05) for p in seen)
+    # The hash split holds out about val_share of the problems, whatever draws them.
+    share = np.mean([generated.is_held_out(str(i), 0.05) for i in range(20000)])
+    assert 0.04 < share < 0.06
+
+
+def test_resume_on_generated_data_is_bit_exact(reverse_cfg, tmp_path):
+    kw = dict(max_iters=8, lr_decay_iters=8, eval_interval=4, gradient_accumulation_steps=2, dropout=0.1)
+    straight = reverse_cfg(out_dir=str(tmp_path / "straight"), **kw)
+    train(straight)
+    split = reverse_cfg(out_dir=str(tmp_path / "split"), **{**kw, "max_iters": 4})
+    train(split)
+    train(dataclasses.replace(split, max_iters=8, init_from="resume"), {"max_iters", "init_from"})
+    a = ckpt_io.load_checkpoint(Path(straight.out_dir) / "ckpt.pt")["model"]
+    b = ckpt_io.load_checkpoint(Path(split.out_dir) / "ckpt.pt")["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_two_processes_train_on_generated_data_as_one(reverse_cfg, tmp_path):
+    """2 gloo processes x 1 micro-step draw exactly the examples of 1 process x 2 micro-steps."""
+    single = reverse_cfg(out_dir=str(tmp_path / "one"), max_iters=5, lr_decay_iters=5, eval_interval=5,
+                         gradient_accumulation_steps=2)  # fmt: skip
+    train(single)
+    args = [f"--{k}={v}" for k, v in dataclasses.asdict(single).items() if k != "out_dir"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
+           "--backend=gloo", *args, f"--out_dir={tmp_path / 'two'}"]  # fmt: skip
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    one, two = read_metrics(single.out_dir)[0], read_metrics(tmp_path / "two")[0]
+    assert [b["loss"] == pytest.approx(a["loss"], rel=1e-5) for a, b in zip(one, two)] == [True] * 5
+    pa = ckpt_io.load_checkpoint(Path(single.out_dir) / "ckpt.pt")["model"]
+    pb = ckpt_io.load_checkpoint(tmp_path / "two" / "ckpt.pt")["model"]
+    for k in pa:
+        torch.testing.assert_close(pb[k], pa[k], rtol=1e-5, atol=1e-6)
+
+
+def test_the_shipped_generator_trains_and_its_model_samples(reverse_cfg, capsys):
+    cfg = reverse_cfg(max_iters=2, eval_interval=2)
+    summary = train(cfg)
+    assert summary["iter"] == 2
+    assert "data: generated by" in capsys.readouterr().out
+    # The checkpoint records the generator's vocabulary: sampling needs no dataset folder.
+    out = sample(SampleConfig(out_dir=cfg.out_dir, device="cpu", start="123>", num_samples=1, max_new_tokens=4))
+    assert out[0].startswith("123>") and len(out[0]) == 8
+
+
+def write_generator(folder: Path, body: str) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "generate.py").write_text(body)
+    return folder
+
+
+GOOD = textwrap.dedent("""
+    meta = {"vocab_size": 3, "stoi": {"a": 0, "b": 1, "=": 2}, "itos": {0: "a", 1: "b", 2: "="}}
+    block_size = 4
+    def example(rng):
+        return [0, 2, 1, 1], [-1, 1, 1, -1]
+""")
+
+
+@pytest.mark.parametrize(
+    "body,overrides,message",
+    [
+        ("block_size = 4\ndef example(rng): return [0], [0]\n", {}, "must define meta"),
+        (GOOD.replace("def example(rng):", "def other(rng):"), {}, "must define example"),
+        (GOOD + "\nraise RuntimeError('boom')\n", {}, "failed to load: RuntimeError: boom"),
+        (GOOD, {"block_size": 8}, "set --block_size=4"),
+        (GOOD, {"eval_iters": 0}, "set eval_iters > 0"),
+        (GOOD, {"sampler": "epoch"}, "use sampler='random'"),
+        (GOOD.replace("[-1, 1, 1, -1]", "[-1, 7, 1, -1]"), {}, "outside 0..2"),
+        (GOOD.replace("[-1, 1, 1, -1]", "[-1, 1]"), {}, "as many"),
+    ],
+)
+def test_a_broken_generator_or_setting_is_one_error_line(tmp_path, body, overrides, message):
+    folder = write_generator(tmp_path / "gen", body)
+    cfg = TrainConfig(dataset=str(folder), out_dir=str(tmp_path / "out"), **{**TINY, "block_size": 4, **overrides})
+    with pytest.raises(UserError, match=message):
+        train(cfg)
+    assert not (tmp_path / "out" / "ckpt.pt").exists()
+
+
+def test_token_files_win_over_a_generator(tmp_path, char_data):
+    """A folder with train.bin is a token dataset even if it also holds a generate.py."""
+    folder = tmp_path / "both"
+    folder.mkdir()
+    for name in ("train.bin", "val.bin", "meta.pkl"):
+        (folder / name).write_bytes((char_data / name).read_bytes())
+    write_generator(folder, GOOD)
+    assert generated.generator_path(folder) is None
+    assert generated.generator_path(write_generator(tmp_path / "only", GOOD)) is not None
+
+
+def test_the_generated_readme_example_is_the_shipped_one():
+    """README shows data/reverse/generate.py's example(); keep them the same."""
+    readme = (ROOT / "README.md").read_text()
+    source = REVERSE.read_text()
+    start = source.index("def example(")
+    assert source[start:].strip() in readme
+    load_script("data/reverse/generate.py")  # and it imports on its own
