@@ -121,7 +121,8 @@ class GeneratedSplit:
                 f"{self.path}: example() gave {len(tokens)} tokens and {len(targets)} targets; they must be "
                 f"as many, between 1 and block_size ({length})"
             )
-        if any(not 0 <= t < vocab for t in tokens) or any(not -1 <= t < vocab for t in targets):
+        ids, wanted = np.asarray(tokens), np.asarray(targets)
+        if ids.min() < 0 or ids.max() >= vocab or wanted.min() < -1 or wanted.max() >= vocab:
             raise UserError(f"{self.path}: example() gave a token or target outside 0..{vocab - 1} (targets: or -1)")
         return tokens, targets
 

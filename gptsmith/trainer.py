@@ -340,7 +340,10 @@ def build_model(cfg: TrainConfig, start: init_from.Start, vocab_size: int, rt: R
     torch.manual_seed(cfg.seed + rt.rank)
     if start.state is not None and not cfg.sharded:
         ckpt_io.load_weights(model, start.state["model"], ckpt_io.checkpoint_path(Path(cfg.out_dir), "ckpt.pt", False))
-    model.to(rt.device)
+    if not cfg.sharded:
+        # (Under FSDP, fully_shard moves each block to the device as it shards it, so the device
+        # never holds the whole unsharded model: it needs to fit only once sharded, plus one block.)
+        model.to(rt.device)
     if rt.master and not cfg.eval_only:
         n_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         ckpt_io.check_free_space(Path(cfg.out_dir), 2 * 3 * n_bytes)  # ckpt.pt + best.pt, weights + 2 Adam moments

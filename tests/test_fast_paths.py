@@ -398,3 +398,26 @@ def test_training_through_the_chunked_head_and_loss_matches_the_plain_path(tiny_
     chunked = train(dataclasses.replace(cfg, out_dir=cfg.out_dir + "-chunked"))
     assert chunked["val_loss"] == pytest.approx(plain["val_loss"], abs=1e-4)
     assert chunked["val_loss"] != plain["val_loss"] or chunked["train_loss"] != plain["train_loss"]  # it did run
+
+
+def test_under_fsdp_the_whole_model_never_goes_to_the_device_before_sharding(tiny_cfg, monkeypatch):
+    """fully_shard moves each block as it shards it: the device holds the model only sharded (plus a block)."""
+    events = []
+    real_to, real_shard = torch.nn.Module.to, parallel.shard
+
+    def to(self, *args, **kwargs):
+        if isinstance(self, model_module.GPT):
+            events.append("whole model to device")
+        return real_to(self, *args, **kwargs)
+
+    def shard(model, rt):
+        events.append("shard")
+        real_shard(model, rt)
+
+    monkeypatch.setattr(torch.nn.Module, "to", to)
+    monkeypatch.setattr(parallel, "shard", shard)
+    train(tiny_cfg(max_iters=1, eval_interval=1, parallel="fsdp"))
+    assert events[0] == "shard"
+    events.clear()
+    train(tiny_cfg(max_iters=1, eval_interval=1, out_dir=tiny_cfg().out_dir + "-ddp"))  # one process: moved whole
+    assert events[0] == "whole model to device"
