@@ -421,3 +421,23 @@ def test_under_fsdp_the_whole_model_never_goes_to_the_device_before_sharding(tin
     events.clear()
     train(tiny_cfg(max_iters=1, eval_interval=1, out_dir=tiny_cfg().out_dir + "-ddp"))  # one process: moved whole
     assert events[0] == "whole model to device"
+
+
+@pytest.mark.cuda
+def test_on_cuda_the_graph_captured_decode_step_gives_the_eager_tokens_without_syncs(monkeypatch):
+    """compile_decode on CUDA: mode='reduce-overhead', each token one CUDA graph replay; past block_size
+    the window restarts (a prefill) and decoding goes on in the same graph."""
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)  # bit-comparable to eager
+    torch.manual_seed(0)
+    model = model_module.GPT(GPTConfig(block_size=32, vocab_size=50, n_layer=2, n_head=2, n_embd=32)).cuda().eval()
+    idx = torch.randint(0, 50, (2, 3), device="cuda")
+    with torch.inference_mode():
+        expected = model.generate(idx, 80, temperature=0.0)
+        model.compile_decode()
+        assert torch.equal(model.generate(idx, 80, temperature=0.0), expected)  # records the graph
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            again = model.generate(idx, 80, temperature=0.0)  # replays it
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert torch.equal(again, expected)
