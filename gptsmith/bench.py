@@ -21,7 +21,7 @@ from gptsmith import optim
 from gptsmith.config import BenchConfig
 from gptsmith.configurator import cli_errors, load_config
 from gptsmith.model import GPT
-from gptsmith.runtime import Runtime, cpu_training_dtype, peak_flops, setup_runtime, teardown
+from gptsmith.runtime import Runtime, choose_training_dtype, peak_flops, setup_runtime, teardown
 
 
 def _emit(cfg: BenchConfig, rt: Runtime, model: GPT, figures: dict[str, float | None]) -> None:
@@ -131,8 +131,8 @@ def bench(cfg: BenchConfig) -> dict[str, float]:
     try:
         if cfg.what == "peak":
             return bench_peak(rt)
-        if cfg.what == "train" and cfg.dtype == "auto" and rt.device_type == "cpu":  # as train.py chooses
-            rt.dtype, rt.dtype_reason = cpu_training_dtype(cfg.gpt_config(cfg.vocab_size), cfg.batch_size)
+        if cfg.what == "train":  # dtype=auto on a CPU chooses as train.py does
+            choose_training_dtype(rt, cfg.dtype, cfg.gpt_config(cfg.vocab_size), cfg.batch_size)
         torch.manual_seed(cfg.seed)
         model = GPT(cfg.gpt_config(cfg.vocab_size)).to(rt.device)
         print(f"{cfg.what}: {model.get_num_params() / 1e6:.2f}M parameters on {rt.device} ({rt.dtype})")

@@ -158,6 +158,9 @@ class TrainIOKeys(KeyGroup):
         self.not_negative("eval_iters", "eval_sample_tokens")
         check_init_from(self.init_from, ("scratch", "resume", "auto"))
 
+    def evaluated_splits(self) -> tuple[str, ...]:
+        return ("train", "val") if self.eval_train else ("val",)
+
 
 @dataclass
 class TrainDataKeys(KeyGroup):

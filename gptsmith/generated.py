@@ -35,6 +35,7 @@ from gptsmith.configurator import UserError
 GENERATOR = "generate.py"
 KEY_RANGE = 2**62  # row keys are drawn below this
 MAX_TRIES = 10_000  # draws of one example before a split is called empty
+VAL_SHARE = 0.05  # the share of problems held out where generate.py sets no val_share
 
 
 def generator_path(folder: Path) -> Path | None:
@@ -58,7 +59,7 @@ def load_generator(path: Path, dataset: str) -> ModuleType:
         raise UserError(f"{path} must define block_size, the tokens per example (an int)")
     if not callable(getattr(module, "example", None)):
         raise UserError(f"{path} must define example(rng) -> (tokens, targets)")
-    share = getattr(module, "val_share", 0.05)
+    share = getattr(module, "val_share", VAL_SHARE)
     if not 0 < share < 1:
         raise UserError(f"{path}: val_share must be between 0 and 1, got {share}")
     return module
@@ -96,7 +97,7 @@ class GeneratedSplit:
         rng = np.random.default_rng(int(key))
         module, val = self.module, self.split == "val"
         identify = getattr(module, "problem", prompt)
-        share = getattr(module, "val_share", 0.05)
+        share = getattr(module, "val_share", VAL_SHARE)
         for _ in range(MAX_TRIES):
             tokens, targets = module.example(rng)
             if is_held_out(identify(tokens, targets), share) == val:

@@ -283,7 +283,7 @@ class Block(nn.Module):
         pos: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), cache, layer, rope, pos, mask)
+        x = x + self.attn(self.ln_1(x), cache=cache, layer=layer, rope=rope, pos=pos, mask=mask)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -371,7 +371,7 @@ class GPT(nn.Module):
         mask = cache.mask(pos) if pos is not None else None  # (T, max_len), once for all layers
         x = self.transformer.drop(x)
         for i, block in enumerate(self.transformer.h):
-            x = block(x, cache, i, rope, pos, mask)
+            x = block(x, cache=cache, layer=i, rope=rope, pos=pos, mask=mask)
         x = self.transformer.ln_f(x)
         if targets is None:
             return self._head(x[:, [-1], :]), None  # (B, 1, vocab): sampling needs no more

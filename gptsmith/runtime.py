@@ -8,6 +8,7 @@ import os
 import platform
 import re
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -245,14 +246,8 @@ BF16_MIN_SPEEDUP = 1.25  # a clear margin, so timing noise does not flip the cho
 
 
 def cpu_flags() -> set[str]:
-    """The CPU's feature flags (Linux /proc/cpuinfo); empty elsewhere."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
+    """The CPU's feature flags (Linux /proc/cpuinfo: x86 'flags', Arm 'Features'); empty elsewhere."""
+    return set((_cpuinfo("flags") or _cpuinfo("Features") or "").split())
 
 
 def cpu_training_dtype(config: Any, batch_size: int, remeasure: bool = False) -> tuple[str, str]:
@@ -269,23 +264,31 @@ def cpu_training_dtype(config: Any, batch_size: int, remeasure: bool = False) ->
         return "float32", f"n_embd {config.n_embd} < {BF16_MIN_WIDTH}: too small for bfloat16 to pay off"
     rows = max(1, min(batch_size, 2048 // config.block_size))  # ~2k tokens: big enough, quick to time
     key = (
-        f"cpu dtype: {_cpu_model()} x{os.cpu_count()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+        f"cpu dtype: {_cpu()}, torch {torch.__version__}, "
         f"block {config.n_embd}/{config.n_head}/{config.kv_heads}/{config.activation}/{config.norm}/"
         f"{config.pos_emb}/{config.qk_norm}, {rows}x{config.block_size} tokens"
     )
-    path = peak_cache_path()
-    speedup = _read_json(path).get(key)
-    where = f"measured earlier on this machine, {path}"
-    if not isinstance(speedup, (int, float)) or remeasure:
-        before = _cpu_ticks()
-        t0 = time.perf_counter()
+
+    def measure() -> tuple[float, float]:
+        before, t0 = _cpu_ticks(), time.perf_counter()
         speedup = _time_block(config, rows, torch.float32) / _time_block(config, rows, torch.bfloat16)
-        where = "measured now"
-        if _others_share(before, time.perf_counter() - t0) <= BUSY_LIMIT:
-            _write_json(path, {**_read_json(path), key: speedup})
-            where += f", kept in {path}"
+        return speedup, _others_share(before, time.perf_counter() - t0)
+
+    speedup, _, where = _remembered(key, measure, remeasure)  # a busy machine's figure is used, not kept
     dtype = "bfloat16" if speedup >= BF16_MIN_SPEEDUP else "float32"
     return dtype, f"a block runs {speedup:.2f}x as fast in bfloat16 as in float32 ({where})"
+
+
+def choose_training_dtype(rt: Runtime, requested: str, config: Any, batch_size: int) -> None:
+    """For training with dtype=auto on a CPU, set rt.dtype (and rt.dtype_reason) to what
+    cpu_training_dtype finds for the model of config. Collective when distributed: rank 0
+    decides for all, as ranks timing at once would disturb each other and could disagree."""
+    if requested != "auto" or rt.device_type != "cpu":
+        return
+    choice = [cpu_training_dtype(config, batch_size) if rt.master else None]
+    if rt.distributed:
+        torch.distributed.broadcast_object_list(choice, src=0)
+    rt.dtype, rt.dtype_reason = choice[0]
 
 
 def _time_block(config: Any, rows: int, dtype: torch.dtype, reps: int = 3) -> float:
@@ -331,23 +334,33 @@ def peak_flops(rt: Runtime, configured: float = 0.0, remeasure: bool = False) ->
         for key, half, fp32 in GPU_PEAK_FLOPS:
             if key in name:
                 return Peak(half if rt.dtype != "float32" else fp32, f"datasheet, {key}")
-    key = _machine_key(rt)
-    path = peak_cache_path()
-    cached = _read_json(path).get(key)
-    if isinstance(cached, (int, float)) and cached > 0 and not remeasure:
-        return Peak(float(cached), f"measured earlier on this machine, {path}")
-    flops, others = measure_matmul_flops(rt.device, rt.ptdtype)
+    flops, others, where = _remembered(_machine_key(rt), lambda: measure_matmul_flops(rt.device, rt.ptdtype), remeasure)
     if others > BUSY_LIMIT:
         return Peak(
             None,
             f"unknown: other processes used {others:.0%} of the CPUs while measuring; "
             "set peak_flops, or run again when the machine is idle",
         )
-    _write_json(path, {**_read_json(path), key: flops})
-    return Peak(flops, f"measured now, kept in {path}")
+    return Peak(flops, where)
 
 
 BUSY_LIMIT = 0.1  # the share of the machine's CPU time others may use during the probe
+
+
+def _remembered(key: str, measure: Callable[[], tuple[float, float]], remeasure: bool) -> tuple[float, float, str]:
+    """(value, share of the CPUs others used while measuring it, where it came from) of a measurement
+    that is taken once per machine and kept under key in the cache file: measure() runs only when
+    the cache has none (or remeasure), and what it returns is kept only if others used at most
+    BUSY_LIMIT of the CPUs meanwhile (a busy machine's figure would be off)."""
+    path = peak_cache_path()
+    cached = _read_json(path).get(key)
+    if isinstance(cached, (int, float)) and cached > 0 and not remeasure:
+        return float(cached), 0.0, f"measured earlier on this machine, {path}"
+    value, others = measure()
+    if others > BUSY_LIMIT:
+        return value, others, "measured now"
+    _write_json(path, {**_read_json(path), key: value})
+    return value, others, f"measured now, kept in {path}"
 
 
 def peak_cache_path() -> Path:
@@ -364,18 +377,25 @@ def _machine_key(rt: Runtime) -> str:
     if rt.device_type == "cuda":
         device = torch.cuda.get_device_name(rt.device)
     else:
-        device = f"{_cpu_model()} x{os.cpu_count()}, {torch.get_num_threads()} threads"
+        device = _cpu()
     return f"{rt.device_type}: {device}, {rt.dtype}, torch {torch.__version__}"
 
 
-def _cpu_model() -> str:
+def _cpu() -> str:
+    """The processor and the threads we use: what CPU measurements depend on besides dtype and torch."""
+    model = _cpuinfo("model name") or platform.processor() or platform.machine()
+    return f"{model} x{os.cpu_count()}, {torch.get_num_threads()} threads"
+
+
+def _cpuinfo(field: str) -> str | None:
+    """The value of a field of the first processor in /proc/cpuinfo (Linux); None elsewhere."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
+            if line.split(":", 1)[0].strip() == field:
                 return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    return None
 
 
 def _read_json(path: Path) -> dict[str, Any]:

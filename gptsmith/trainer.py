@@ -36,7 +36,7 @@ from gptsmith.configurator import UserError, cli_errors, read_overrides, show_pr
 from gptsmith.metrics import MetricsLog, Speedometer, duration, print_banner, print_summary, refresh_plot
 from gptsmith.model import GPT
 from gptsmith.optim import get_lr
-from gptsmith.runtime import Peak, Runtime, cpu_training_dtype, peak_flops, setup_runtime, teardown
+from gptsmith.runtime import Peak, Runtime, choose_training_dtype, peak_flops, setup_runtime, teardown
 from gptsmith.sampler import eval_sample
 
 
@@ -193,7 +193,8 @@ def build_run(cfg: TrainConfig, explicit: set[str], rt: Runtime) -> tuple[Run, T
     if cfg.sharded:
         _recover_sharded(out_dir, rt)
     start = init_from.resolve(cfg, explicit, out_dir, rt.master)
-    _choose_cpu_dtype(start, rt)
+    model_config = start.pretrained.config if start.pretrained is not None else start.cfg.gpt_config(vocab_size=1)
+    choose_training_dtype(rt, start.cfg.dtype, model_config, start.cfg.batch_size)
     cfg = dataclasses.replace(start.cfg, gradient_accumulation_steps=start.cfg.accumulation_steps(rt.world_size))
     data = open_data(cfg, start)
     _check_out_dir(out_dir, rt)
@@ -231,30 +232,14 @@ def build_run(cfg: TrainConfig, explicit: set[str], rt: Runtime) -> tuple[Run, T
     return run, state
 
 
-def _choose_cpu_dtype(start: init_from.Start, rt: Runtime) -> None:
-    """dtype=auto on a CPU: bfloat16 where it trains this model clearly faster (runtime.cpu_training_dtype).
-    Rank 0 decides for all: ranks timing at once would disturb each other and could disagree."""
-    cfg = start.cfg
-    if cfg.dtype != "auto" or rt.device_type != "cpu":
-        return
-    config = start.pretrained.config if start.pretrained is not None else cfg.gpt_config(vocab_size=1)
-    choice = [cpu_training_dtype(config, cfg.batch_size) if rt.master else None]
-    if rt.distributed:
-        torch.distributed.broadcast_object_list(choice, src=0)
-    rt.dtype, rt.dtype_reason = choice[0]
-
-
 def open_data(cfg: TrainConfig, start: init_from.Start) -> TrainData:
     """The dataset's splits, checked (ids within the vocabulary, windows fit), the sampler and eval batches."""
     folder = ds.dataset_dir(cfg.dataset)
-    if generated.generator_path(folder) is not None:
-        return open_generated(cfg, start, generated.generator_path(folder))
+    generator = generated.generator_path(folder)
+    if generator is not None:
+        return open_generated(cfg, start, generator)
     meta = ds.load_meta(folder)
-    vocab_size = meta["vocab_size"] if meta else ds.GPT2_VOCAB_SIZE
-    if start.state is not None:
-        vocab_size = start.state["model_args"]["vocab_size"]
-    if start.pretrained is not None:
-        vocab_size = init_from.pretrained_vocab(start.pretrained, meta, cfg)
+    vocab_size = _vocab_size(cfg, start, meta)
     example_len = ds.example_length(meta, cfg.block_size, cfg.dataset)  # 0, or windows are whole examples
     splits = {s: ds.open_split(folder, s, cfg.dataset, vocab_size, meta) for s in ("train", "val")}
     for split, tokens in splits.items():
@@ -272,12 +257,21 @@ def open_data(cfg: TrainConfig, start: init_from.Start) -> TrainData:
         mode=cfg.sampler,
         example_len=example_len,
     )
-    evaluated = ("train", "val") if cfg.eval_train else ("val",)
     eval_offsets = {
         s: ds.eval_offsets(len(splits[s]), cfg.block_size, cfg.batch_size, cfg.eval_iters, example_len)
-        for s in evaluated
+        for s in cfg.evaluated_splits()
     }
     return TrainData(meta=meta, vocab_size=vocab_size, splits=splits, sampler=sampler, eval_offsets=eval_offsets)
+
+
+def _vocab_size(cfg: TrainConfig, start: init_from.Start, meta: dict[str, Any] | None) -> int:
+    """The model's vocabulary: a pretrained model's (checked against the data's), a resumed
+    checkpoint's, or the dataset's (its meta, else GPT-2's BPE)."""
+    if start.pretrained is not None:
+        return init_from.pretrained_vocab(start.pretrained, meta, cfg)
+    if start.state is not None:
+        return start.state["model_args"]["vocab_size"]
+    return meta["vocab_size"] if meta else ds.GPT2_VOCAB_SIZE
 
 
 def open_generated(cfg: TrainConfig, start: init_from.Start, path: Path) -> TrainData:
@@ -291,9 +285,7 @@ def open_generated(cfg: TrainConfig, start: init_from.Start, path: Path) -> Trai
         raise UserError(f"dataset '{cfg.dataset}' is generated, so it has no epochs: use sampler='random'")
     if cfg.eval_iters == 0:
         raise UserError(f"dataset '{cfg.dataset}' is generated and never ends: set eval_iters > 0")
-    vocab_size = start.state["model_args"]["vocab_size"] if start.state is not None else module.meta["vocab_size"]
-    if start.pretrained is not None:
-        vocab_size = init_from.pretrained_vocab(start.pretrained, module.meta, cfg)
+    vocab_size = _vocab_size(cfg, start, module.meta)
     sampler = ds.BatchSampler(
         n_tokens=generated.KEY_RANGE,
         block_size=0,
@@ -302,8 +294,9 @@ def open_generated(cfg: TrainConfig, start: init_from.Start, path: Path) -> Trai
         seed=cfg.seed,
         example_len=1,  # a "window" is one key
     )
-    evaluated = ("train", "val") if cfg.eval_train else ("val",)
-    eval_offsets = {s: generated.eval_keys(cfg.eval_iters, cfg.batch_size, ds.EVAL_SEED) for s in evaluated}
+    eval_offsets = {
+        s: generated.eval_keys(cfg.eval_iters, cfg.batch_size, ds.EVAL_SEED) for s in cfg.evaluated_splits()
+    }
     return TrainData(meta=module.meta, vocab_size=vocab_size, splits=splits, sampler=sampler, eval_offsets=eval_offsets)
 
 
@@ -474,10 +467,9 @@ def train_step(run: Run, state: TrainState) -> StepReport | None:
     health = [loss_sum, (~finite).float()]
     if rt.distributed:  # agree on the loss, the step's health and a stop, in one collective on the device
         health.append(torch.full((), float(bool(run.caught)), device=rt.device))
-        health = torch.stack(health)
+    health = torch.stack(health)
+    if rt.distributed:
         torch.distributed.all_reduce(health, op=torch.distributed.ReduceOp.AVG)
-    else:
-        health = torch.stack(health)
     if run.scaler.is_enabled():
         run.scaler.step(run.optimizer)  # skips on the device too, with a fused optimizer
         run.scaler.update()
