@@ -24,32 +24,43 @@ from gptsmith.trainer import open_generated, train
 from helpers import ROOT, TINY, load_script, read_metrics
 
 REVERSE = ROOT / "data" / "reverse" / "generate.py"
+SHIPPED = {"reverse": 17, "calculator": 105}  # the shipped generators and their block_size
 
 
-@pytest.fixture
-def reverse_cfg(tmp_path):
-    """A tiny run on data/reverse (the shipped generator); only sizes pinned, as in tests/helpers.TINY."""
+def tiny_run(tmp_path, name):
+    """A tiny run on a shipped generator; only sizes pinned, as in tests/helpers.TINY."""
 
     def make(**overrides):
-        base = {**TINY, "block_size": 17, "eval_iters": 2, "out_dir": str(tmp_path / "out")}
-        return TrainConfig(dataset=str(REVERSE.parent), **{**base, **overrides})
+        base = {**TINY, "block_size": SHIPPED[name], "eval_iters": 2, "out_dir": str(tmp_path / "out")}
+        return TrainConfig(dataset=str(ROOT / "data" / name), **{**base, **overrides})
 
     return make
 
 
+@pytest.fixture
+def reverse_cfg(tmp_path):
+    return tiny_run(tmp_path, "reverse")
+
+
+@pytest.fixture(params=sorted(SHIPPED))
+def shipped_cfg(tmp_path, request):
+    """Each shipped generator in turn: resume and two processes behave alike on every one."""
+    return tiny_run(tmp_path, request.param)
+
+
 def batches(cfg: TrainConfig, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
-    data = open_generated(cfg, Start(cfg=cfg), REVERSE)
+    data = open_generated(cfg, Start(cfg=cfg), Path(cfg.dataset) / "generate.py")
     return ds.get_batch(data.splits["train"], data.sampler.offsets(step, micro), cfg.block_size, "cpu")
 
 
-def test_a_batch_is_a_pure_function_of_seed_step_and_micro_step(reverse_cfg):
-    cfg = reverse_cfg(gradient_accumulation_steps=2)
+def test_a_batch_is_a_pure_function_of_seed_step_and_micro_step(shipped_cfg):
+    cfg = shipped_cfg(gradient_accumulation_steps=2)
     x, y = batches(cfg, 5, 1)
     x2, y2 = batches(cfg, 5, 1)
     assert torch.equal(x, x2) and torch.equal(y, y2)
     assert not torch.equal(x, batches(cfg, 6, 1)[0]) and not torch.equal(x, batches(cfg, 5, 0)[0])
     assert not torch.equal(x, batches(dataclasses.replace(cfg, seed=7), 5, 1)[0])
-    assert x.shape == y.shape == (cfg.batch_size, 17)
+    assert x.shape == y.shape == (cfg.batch_size, cfg.block_size)
 
 
 def test_only_the_answer_is_a_target_and_padding_is_masked():
@@ -82,11 +93,11 @@ def test_held_out_problems_never_reach_training():
     assert 0.04 < share < 0.06
 
 
-def test_resume_on_generated_data_is_bit_exact(reverse_cfg, tmp_path):
+def test_resume_on_generated_data_is_bit_exact(shipped_cfg, tmp_path):
     kw = dict(max_iters=8, lr_decay_iters=8, eval_interval=4, gradient_accumulation_steps=2, dropout=0.1)
-    straight = reverse_cfg(out_dir=str(tmp_path / "straight"), **kw)
+    straight = shipped_cfg(out_dir=str(tmp_path / "straight"), **kw)
     train(straight)
-    split = reverse_cfg(out_dir=str(tmp_path / "split"), **{**kw, "max_iters": 4})
+    split = shipped_cfg(out_dir=str(tmp_path / "split"), **{**kw, "max_iters": 4})
     train(split)
     train(dataclasses.replace(split, max_iters=8, init_from="resume"), {"max_iters", "init_from"})
     a = ckpt_io.load_checkpoint(Path(straight.out_dir) / "ckpt.pt")["model"]
@@ -95,9 +106,9 @@ def test_resume_on_generated_data_is_bit_exact(reverse_cfg, tmp_path):
 
 
 @pytest.mark.slow
-def test_two_processes_train_on_generated_data_as_one(reverse_cfg, tmp_path):
+def test_two_processes_train_on_generated_data_as_one(shipped_cfg, tmp_path):
     """2 gloo processes x 1 micro-step draw exactly the examples of 1 process x 2 micro-steps."""
-    single = reverse_cfg(out_dir=str(tmp_path / "one"), max_iters=5, lr_decay_iters=5, eval_interval=5,
+    single = shipped_cfg(out_dir=str(tmp_path / "one"), max_iters=5, lr_decay_iters=5, eval_interval=5,
                          gradient_accumulation_steps=2)  # fmt: skip
     train(single)
     args = [f"--{k}={v}" for k, v in dataclasses.asdict(single).items() if k != "out_dir"]
