@@ -68,7 +68,13 @@ def load_generator(path: Path, dataset: str) -> ModuleType:
 def prompt(tokens: list[int], targets: list[int]) -> bytes:
     """The default identity of a problem: its tokens up to the first one that has a target."""
     first = next((i for i, t in enumerate(targets) if t != -1), len(targets) - 1)
-    return np.asarray(tokens[: first + 1], dtype=np.int64).tobytes()
+    return prompt_key(tokens[: first + 1])
+
+
+def prompt_key(prompt_tokens: list[int]) -> bytes:
+    """What prompt() identifies a problem by, from its prompt's tokens: for a script that draws
+    problems itself (an evaluation) and must know which of them are held out."""
+    return np.asarray(prompt_tokens, dtype=np.int64).tobytes()
 
 
 def is_held_out(key: bytes | str, val_share: float) -> bool:

@@ -184,15 +184,18 @@ def calculate(model: GPT, calc: gen.Calculator, texts: list[str], rt: Runtime) -
     """Work out every expression, a round of model calls per level of the trees (batched across them)."""
     evaluations = [Evaluation(t, calc) for t in texts]
     while True:
+        pending = []
         for ev in evaluations:
-            for step in ev.ready():
-                ev.error = ev.error or ev.check(step)
-        pending = [ev for ev in evaluations if ev.ready()]  # ready() is empty once an expression failed
+            steps = ev.ready()  # empty once the expression is answered or has failed
+            if steps:
+                ev.error = next(filter(None, map(ev.check, steps)), "")
+                if not ev.error:
+                    pending.append((ev, steps))
         if not pending:
             return evaluations
-        steps = sorted({step for ev in pending for step in ev.ready()})
-        answers = dict(zip(steps, solver.solve(model, calc, steps, rt), strict=True))
-        for ev in pending:
+        wanted = sorted({step for _, steps in pending for step in steps})
+        answers = dict(zip(wanted, solver.solve(model, calc, wanted, rt), strict=True))
+        for ev, _ in pending:
             ev.take(answers)
 
 

@@ -82,7 +82,7 @@ def held_out_problems(calc: gen.Calculator, op: str, n: int, seed: int) -> list[
     seen, out = set(), []
     for _ in range(10_000 * n):
         problem = calc.draw(rng, op, balanced=True)
-        key = np.asarray(gen.encode(calc.prompt(*problem)), dtype=np.int64).tobytes()
+        key = generated.prompt_key(gen.encode(calc.prompt(*problem)))
         if problem not in seen and generated.is_held_out(key, gen.val_share):
             seen.add(problem)
             out.append(problem)
