@@ -15,7 +15,7 @@ plot = False
 
 gradient_accumulation_steps = 1
 batch_size = 64
-block_size = 105  # the generator's block_size: the longest example, a division
+block_size = 111  # the generator's block_size: the longest example, a division
 
 # Each trace token reads a few tokens at fixed distances and looks up a digit table (a digit times
 # a digit plus a carry): 4 layers, 256 wide. At this size bfloat16 runs about as fast as float32 on
@@ -32,8 +32,8 @@ optimizer = "muon"
 muon_lr = 0.02
 learning_rate = 3e-3
 weight_decay = 0.0
-max_iters = 1500
-lr_decay_iters = 1500
+max_iters = 1300
+lr_decay_iters = 1300
 warmup_iters = 100
 min_lr = 3e-4
 beta2 = 0.99

@@ -5,4 +5,4 @@
 #   python data/calculator/calc.py --out_dir=out-calculator4 "1234*5678"
 out_dir = "out-calculator4"
 dataset = "calculator4"
-block_size = 166  # the generator's block_size: the longest example, a division (105 at width 3)
+block_size = 178  # the generator's block_size: the longest example, a division (111 at width 3)

@@ -13,7 +13,7 @@ import pytest
 
 from gptsmith import generated
 from gptsmith.config import TrainConfig
-from gptsmith.configurator import UserError
+from gptsmith.configurator import UserError, load_config
 from gptsmith.trainer import train
 from helpers import ROOT, TINY, load_script
 
@@ -70,14 +70,14 @@ def check_trace(c, a: int, op: str, b: int, text: str) -> None:
             r, g = unrev(s[: w + 1]), int(s[w + 1])
             assert r == 10 * rem + int(f"{a:0{w}d}"[k])
             check_times_digit(s[w + 2 : 3 * w + 2], b, g)
-            d, x, y = (
-                unrev(s[3 * w + 2 : 4 * w + 3]),
-                signed(s[4 * w + 3 : 5 * w + 4], s[5 * w + 4]),
-                signed(s[5 * w + 5 : 6 * w + 6], s[6 * w + 6]),
-            )
-            assert d == r - g * b and x == d - b and y == d - 2 * b
-            q, rem = int(s[6 * w + 7]), unrev(s[6 * w + 8 :])
-            assert q * b + rem == r and 0 <= rem < b  # the step's corrected digit and remainder are right
+            d = signed(s[3 * w + 2 : 4 * w + 3], s[4 * w + 3])
+            x = signed(s[4 * w + 4 : 5 * w + 5], s[5 * w + 5])
+            assert d == r - g * b and x == d - b
+            q = int(s[5 * w + 6])
+            assert q == g - (d < 0) + (x >= 0)  # the correction the signs call for
+            check_times_digit(s[5 * w + 7 : 7 * w + 7], b, q)
+            rem = unrev(s[7 * w + 7 :])  # the step's digit and remainder are right
+            assert len(s[7 * w + 7 :]) == w and rem == r - q * b and 0 <= rem < b
             quotient += str(q)
         assert int(quotient) == a // b and rem == a % b
     want = {"+": a + b, "-": a - b, "*": a * b}.get(op)
@@ -103,7 +103,14 @@ def test_every_trace_works_out_the_answer(op, width):
             check_trace(c, a, op, b, c.text(a, op, b, c.wrong_guesses(rng, a, b)))
             q = [a // b // 10 ** (width - 1 - k) % 10 for k in range(width)]
             for off in (1, -1):  # every guess one off at once, where the other way is possible
-                check_trace(c, a, op, b, c.text(a, op, b, [off if 0 <= gen.guess(d) + off <= d else 0 for d in q]))
+                check_trace(c, a, op, b, c.text(a, op, b, [off if 0 <= d + off <= 9 else 0 for d in q]))
+
+
+@pytest.mark.parametrize("overlay, width", [([], 3), (["config/calculator4.py"], 4)])
+def test_the_shipped_configs_fit_their_generators_longest_example(overlay, width):
+    cfg = load_config(TrainConfig, [str(ROOT / c) for c in ["config/calculator.py", *overlay]])
+    assert cfg.block_size == gen.Calculator(width).block_size
+    assert cfg.dataset == ("calculator" if width == 3 else "calculator4")
 
 
 def test_only_trace_and_answer_are_targets_never_a_wrong_guess():
@@ -124,11 +131,11 @@ def test_only_trace_and_answer_are_targets_never_a_wrong_guess():
             assert at == 4
             r, g = unrev(trace[C.step_len * step :][:4]), int(trace[C.step_len * step + 4])
             b = int(text[4:7])
-            assert g != gen.guess(r // b) and 0 <= g <= r // b
+            assert abs(g - r // b) == 1
             seen_wrong += 1
         for k in set(range(3)) - {i // C.step_len for i in masked}:  # every other guess is as aimed, a target
             r, g = unrev(trace[C.step_len * k :][:4]), int(trace[C.step_len * k + 4])
-            assert g == gen.guess(r // int(text[4:7]))
+            assert g == r // int(text[4:7])
     assert seen_wrong > 100
 
 
@@ -140,6 +147,8 @@ def test_training_favours_long_operands_evaluation_takes_every_length_alike_and_
     shares = {op: sum(d[1] == op for d in draws) / len(draws) for op in gen.OPS}
     assert all(abs(shares[op] - gen.OP_SHARE[op]) < 0.02 for op in gen.OPS)
     assert all(d[2] >= 1 for d in draws if d[1] == "/")
+    divisors = [len(str(b)) for _, op, b in draws if op == "/"]
+    assert np.allclose(np.bincount(divisors)[1:] / len(divisors), [0.3, 0.5, 0.2], atol=0.025)  # mostly 2 digits
     tested = solver.held_out_problems(C, "/", 2000, seed=0)  # distinct: few have two short operands
     pairs = {(len(str(a)), len(str(b))) for a, _, b in tested}
     assert len(set(tested)) == 2000 and pairs == {(i, j) for i in (1, 2, 3) for j in (1, 2, 3)}
@@ -274,11 +283,12 @@ def test_evaluate_decodes_with_the_real_model_and_reports_every_op(tiny_calculat
 
 def test_the_checkpoint_says_its_width_and_another_dataset_is_refused(tmp_path, tiny_calculator):
     assert solver.load_calculator(Path(tiny_calculator) / "ckpt.pt")[1].width == 3
-    wide = TrainConfig(dataset=str(ROOT / "data" / "calculator4"), **{**TINY, "block_size": 166, "max_iters": 1,
+    width4 = gen.Calculator(4).block_size
+    wide = TrainConfig(dataset=str(ROOT / "data" / "calculator4"), **{**TINY, "block_size": width4, "max_iters": 1,
                        "eval_iters": 1, "out_dir": str(tmp_path / "c4")})  # fmt: skip
     train(wide)
     model, c = solver.load_calculator(Path(wide.out_dir) / "ckpt.pt")
-    assert c.width == 4 and c.block_size == model.config.block_size == 166
+    assert c.width == 4 and c.block_size == model.config.block_size == width4
     other = TrainConfig(dataset=str(ROOT / "data" / "reverse"), **{**TINY, "block_size": 17, "max_iters": 1,
                         "eval_iters": 1, "out_dir": str(tmp_path / "rev")})  # fmt: skip
     train(other)

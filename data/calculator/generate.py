@@ -10,7 +10,7 @@ the prompt, both operands zero-padded to three digits, then the trace, '>', the 
     123+456=9750>579.
     123-456=766-333+>-333.
     123*456=813170511160294010888608806500>56088.
-    017/005=0000000000000005999-0999-0000 ... (three long-division steps, below) ... >3 r 2.
+    017/005=000000000000000+5999-000 ... (three long-division steps, below) ... >3 r 2.
 
 Every number inside a trace is written least significant digit first, the order in which
 carries and borrows travel, so each trace token depends on a few tokens at fixed distances
@@ -22,23 +22,24 @@ before it; the answer then reads the result backwards, without leading zeros.
     *   a x each digit of b (least significant first), 6 tokens each: for each digit of a a
         digit of the product and the carry (0..8) into the next (the last carry is the fourth
         digit); then the running sums a*b0 + 10 a*b1 (5 digits) and + 100 a*b2 (6 digits).
-    /   long division, one step per digit of a (most significant first), 29 tokens each:
+    /   long division, one step per digit of a (most significant first), 31 tokens each:
         R  the remainder so far times 10 plus the next digit of a (4 digits),
-        g  a guess of the quotient digit q = R // b, aimed one low: q - 1 (0 when q is 0),
+        g  a guess of the quotient digit q = R // b,
         P  g x b with carries (6 tokens, as for *),
-        D  R - P (4 digits),
-        X  D - b, and then Y = X - b, each as 4 digits modulo 10**4 and its sign,
-        q  the quotient digit: g, plus one for each of X and Y that is not negative,
-        r  the new remainder, 3 digits: the last of D, X, Y that is not negative.
-        The guess is the one step no local rule gives, so that is where a model errs; aimed at
-        q - 1, a guess off by one either way (q - 2 or q) is still corrected by the two
-        subtractions, which are the same operation in every step. In training 40% of the
-        guesses are deliberately one off (their target masked, so the model never learns to
-        guess wrong) so that the model learns the corrections too.
+        D  R - P and then X = D - b, each as 4 digits modulo 10**4 and its sign,
+        q  the quotient digit: g, less one if D is negative, plus one if X is not,
+        Q  q x b with carries (6 tokens),
+        r  the new remainder R - Q (3 digits).
+        The guess is the one token no local rule gives, so that is where a model errs. A guess
+        one off either way is corrected: the signs of D and X say which way, and the remainder is
+        then worked out afresh from the corrected digit, never picked from D or X, so every step
+        does the same operations whichever way its guess went. In training 30% of the guesses
+        are deliberately one off (their target masked, so the model never learns to guess wrong)
+        so that the model learns the corrections too.
 
 Only the trace, the answer and the final '.' are targets. A problem is held out (the val split,
 and data/calculator/evaluate.py's test problems) by a hash of its prompt, so none is ever trained on.
-Operands have k digits with chance proportional to k (Calculator.operand). The same format with wider operands is
+Operands have k digits with chance proportional to k, divisors mostly 2 digits (Calculator.length_chances). The same format with wider operands is
 Calculator(width): data/calculator4/generate.py is this one at four digits.
 """
 
@@ -53,7 +54,7 @@ WIDTH = 3  # digits of an operand: 0..999
 meta = {"vocab_size": len(CHARS), "stoi": {c: i for i, c in enumerate(CHARS)}, "itos": dict(enumerate(CHARS))}
 meta["calculator_width"] = WIDTH
 OP_SHARE = {"+": 0.12, "-": 0.13, "*": 0.35, "/": 0.4}  # of training problems: the longer traces need more
-WRONG_GUESS = 0.4  # the share of long-division guesses made one off in training
+WRONG_GUESS = 0.3  # the share of long-division guesses made one off in training
 val_share = 0.05
 
 
@@ -87,12 +88,6 @@ def answer(a: int, op: str, b: int) -> str:
     return f"{a // b} r {a % b}"
 
 
-def guess(q: int) -> int:
-    """The guess a long-division step aims at for the quotient digit q: one low, so that a guess off
-    by one either way leaves R - g*b not negative, to be corrected by subtracting b at most twice."""
-    return max(q - 1, 0)
-
-
 class Calculator:
     """The problems and traces for operands of up to `width` digits (written zero-padded to it)."""
 
@@ -100,7 +95,7 @@ class Calculator:
         w = self.width = width
         self.max_operand = 10**w - 1
         self.prompt_len = 2 * w + 2  # 'aaa?bbb='
-        self.step_len = 7 * w + 8  # one long-division step: R, g, P, D, X and its sign, Y and its sign, q, r
+        self.step_len = 8 * w + 7  # one long-division step: R, g, P, D and X with their signs, q, Q, r
         sums = sum(w + j + 1 for j in range(1, w))
         self.trace_len = {"+": w + 1, "-": 2 * w + 2, "*": 2 * w * w + sums, "/": w * self.step_len}
         longest = f">{self.max_operand} r {self.max_operand - 1}."
@@ -130,12 +125,13 @@ class Calculator:
         out, rem = "", 0
         for k in range(w):
             r = rem * 10 + digit(a, w - 1 - k)
-            g = guess(r // b) + (wrong[k] if wrong else 0)
+            q = r // b
+            g = q + (wrong[k] if wrong else 0)
             d = r - g * b
-            x, y = d - b, d - 2 * b
-            rem = y if y >= 0 else x if x >= 0 else d
-            out += rev(r, w + 1) + str(g) + self.times_digit(b, g) + rev(d, w + 1)
-            out += rev(x, w + 1) + sign(x) + rev(y, w + 1) + sign(y) + str(g + (x >= 0) + (y >= 0)) + rev(rem, w)
+            x = d - b
+            rem = r - q * b
+            out += rev(r, w + 1) + str(g) + self.times_digit(b, g) + rev(d, w + 1) + sign(d) + rev(x, w + 1) + sign(x)
+            out += str(q) + self.times_digit(b, q) + rev(rem, w)
         return out
 
     def prompt(self, a: int, op: str, b: int) -> str:
@@ -145,31 +141,42 @@ class Calculator:
         """The whole example: prompt, trace, '>', answer, '.'."""
         return f"{self.prompt(a, op, b)}{self.trace(a, op, b, wrong)}>{answer(a, op, b)}."
 
-    def operand(self, rng: np.random.Generator, low: int = 0, balanced: bool = False) -> int:
-        """The number of digits first, then a number of that many uniformly. For training, k digits
-        come with chance proportional to k (3 digits half the time at width 3): the long operands are
-        where the model errs, and the few short problems are soon learned. balanced=True gives
-        every length the same chance, as evaluate.py tests."""
-        lengths = np.arange(1, self.width + 1)
-        n = int(rng.choice(lengths, p=None if balanced else lengths / lengths.sum()))
+    def operand(self, rng: np.random.Generator, low: int = 0, chances: np.ndarray | None = None) -> int:
+        """The number of digits first, drawn by chances (lengths 1..width), then a number of that many
+        uniformly. chances=None gives every length the same chance, as evaluate.py tests."""
+        n = int(rng.choice(np.arange(1, self.width + 1), p=chances))
         return int(rng.integers(max(low, 0 if n == 1 else 10 ** (n - 1)), 10**n))
 
+    def length_chances(self, divisor: bool = False) -> np.ndarray:
+        """The training chances of an operand's lengths 1..width. k digits come with chance
+        proportional to k (3 digits half the time at width 3): the long operands are where the
+        model errs, and the few short problems are soon learned. A divisor's lengths go otherwise:
+        the hardest guesses are those of a multi-digit quotient by a divisor of several digits
+        (3 by 2 digits at width 3), so the middle lengths share half, the shortest (long quotients,
+        easy guesses) has 30% and the longest (one real step) 20%."""
+        k = np.arange(1, self.width + 1, dtype=float)
+        if not divisor:
+            return k / k.sum()
+        if self.width < 3:
+            return np.full(self.width, 1 / self.width)
+        return np.array([0.3] + [0.5 / (self.width - 2)] * (self.width - 2) + [0.2])
+
     def draw(self, rng: np.random.Generator, op: str | None = None, balanced: bool = False) -> tuple[int, str, int]:
-        """A random problem (a, op, b); op drawn by OP_SHARE unless given."""
+        """A random problem (a, op, b); op drawn by OP_SHARE unless given. Training's operand
+        lengths (length_chances) unless balanced, which gives every length the same chance."""
         if op is None:
             op = OPS[int(rng.choice(len(OPS), p=[OP_SHARE[o] for o in OPS]))]
-        # A divisor's length is drawn uniformly even in training: a short divisor makes the long
-        # quotients, whose every step needs a guess.
-        return self.operand(rng, 0, balanced), op, self.operand(rng, 1 if op == "/" else 0, balanced or op == "/")
+        a = self.operand(rng, 0, None if balanced else self.length_chances())
+        return a, op, self.operand(rng, 1 if op == "/" else 0, None if balanced else self.length_chances(op == "/"))
 
     def wrong_guesses(self, rng: np.random.Generator, a: int, b: int) -> list[int]:
         """For each long-division step, 0 or how far its guess is made off: WRONG_GUESS of them by one,
-        up or down, where the guess stays within 0..q. The quotient digit of step k is the k-th digit
+        up or down, where the guess stays a digit. The quotient digit of step k is the k-th digit
         of a // b."""
         out = []
         for k in range(self.width):
             q = digit(a // b, self.width - 1 - k)
-            ways = [off for off in (-1, 1) if 0 <= guess(q) + off <= q]
+            ways = [off for off in (-1, 1) if 0 <= q + off <= 9]
             out.append(int(rng.choice(ways)) if ways and rng.random() < WRONG_GUESS else 0)
         return out
 
