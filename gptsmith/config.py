@@ -375,9 +375,15 @@ class BenchConfig(PeakKeys, RuntimeKeys, ModelKeys):
     num_samples: int = opt(1, "sequences decoded side by side (sample); tokens/s counts the tokens of all")
     repeats: int = opt(3, "generations per mode; the median is reported (sample)")
     compile: bool = opt(False, "torch.compile the model (train) or the KV-cache decode step (sample)")
+    compile_mode: str = opt(
+        "default",
+        "torch.compile's mode for the training step (train, with compile): default, or reduce-overhead (the forward "
+        "and backward replayed as CUDA graphs on GPUs; train.py has no such mode)",
+    )
 
     def check(self) -> None:
         self.one_of("what", ("train", "sample", "peak"))
+        self.one_of("compile_mode", ("default", "reduce-overhead"))
         self.positive("vocab_size", "batch_size", "steps", "max_new_tokens", "num_samples", "repeats")
 
 

@@ -374,7 +374,8 @@ class GPT(nn.Module):
             x = block(x, cache=cache, layer=i, rope=rope, pos=pos, mask=mask)
         x = self.transformer.ln_f(x)
         if targets is None:
-            return self._head(x[:, [-1], :]), None  # (B, 1, vocab): sampling needs no more
+            # A slice, not x[:, [-1], :]: indexing by a Python list copies the list to the device, a sync.
+            return self._head(x[:, -1:, :]), None  # (B, 1, vocab): sampling needs no more
         if not return_logits and x.numel() // x.size(-1) * self.config.vocab_size * 4 > CHUNKED_LOSS_BYTES:
             flat = x.reshape(-1, x.size(-1))  # (B*T, C)
             return None, chunked_head_loss(flat, self.lm_head.weight, targets.reshape(-1), self.config.logit_softcap)
@@ -472,6 +473,14 @@ class GPT(nn.Module):
         logits returned are overwritten by the next call: use them (sample) before that."""
         logits, _ = self(idx, cache=cache, pos=pos)  # (B, 1, vocab)
         return logits[:, -1, :].float()
+
+    def cast_for_inference(self, dtype: torch.dtype) -> None:
+        """Keep the weights in dtype (bfloat16, float16) for decoding. Under autocast float32 weights are
+        cast again at every token, and decoding one token is mostly reading every weight: in float32 plus
+        the cast that is about four times the bytes. Buffers (rotary tables) stay as they are. Training
+        needs the float32 weights; a model cast here is for sampling only."""
+        for p in self.parameters():  # each once, so the tied wte/lm_head weight stays shared
+            p.data = p.data.to(dtype)
 
     def compile_decode(self) -> None:
         """torch.compile decode_one_token, which generate then calls for every token after a prefill. One

@@ -224,7 +224,12 @@ def _restart_safe_rendezvous(rank: int, world_size: int) -> dict[str, Any]:
 
 def _init_group(backend: str, device: str, **kwargs: Any) -> None:
     """init_process_group; by default from torchrun's environment variables (env://)."""
-    device_id = torch.device(device) if device.startswith("cuda") else None
+    # With an index: "cuda" alone (one process, no torchrun) is refused by init_process_group.
+    device_id = (
+        torch.device(device if ":" in device else f"{device}:{torch.cuda.current_device()}")
+        if device.startswith("cuda")
+        else None
+    )
     torch.distributed.init_process_group(backend=backend, device_id=device_id, **kwargs)
 
 

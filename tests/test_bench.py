@@ -78,3 +78,16 @@ def test_bench_takes_the_model_options(capsys):
 def test_bench_refuses_unknown_mode():
     with pytest.raises(UserError, match="what must be"):
         BenchConfig(what="fly")
+
+
+def test_bench_train_passes_its_compile_mode_to_torch_compile(monkeypatch):
+    """compile_mode=reduce-overhead reaches torch.compile (CUDA graphs on a GPU; a CPU runs it as default)."""
+    import torch
+
+    modes = []
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: modes.append(kw["mode"]) or model)
+    for mode in ("default", "reduce-overhead"):
+        bench(BenchConfig(what="train", batch_size=2, steps=1, warmup=0, compile=True, compile_mode=mode, **TINY))
+    assert modes == ["default", "reduce-overhead"]
+    with pytest.raises(UserError, match="compile_mode"):
+        BenchConfig(what="train", compile_mode="max-autotune-everything")

@@ -114,8 +114,10 @@ def test_the_shipped_configs_fit_their_generators_longest_example(overlay, width
 
 
 def test_only_trace_and_answer_are_targets_never_a_wrong_guess():
+    """Masked guesses are exactly the wrong ones, one off; WRONG_GUESS of the steps have one, and
+    where the guess could go either way it goes high with chance HIGH_GUESS (more than half)."""
     rng = np.random.default_rng(1)
-    itos, seen_wrong = gen.meta["itos"], 0
+    itos, seen_wrong, steps, either_way = gen.meta["itos"], 0, 0, {1: 0, -1: 0}
     for _ in range(3000):
         tokens, targets = C.example(rng)
         text = "".join(itos[t] for t in tokens) + itos[targets[-1]]
@@ -133,10 +135,15 @@ def test_only_trace_and_answer_are_targets_never_a_wrong_guess():
             b = int(text[4:7])
             assert abs(g - r // b) == 1
             seen_wrong += 1
+            if 1 <= r // b <= 8:
+                either_way[g - r // b] += 1
+        steps += 3
         for k in set(range(3)) - {i // C.step_len for i in masked}:  # every other guess is as aimed, a target
             r, g = unrev(trace[C.step_len * k :][:4]), int(trace[C.step_len * k + 4])
             assert g == r // int(text[4:7])
-    assert seen_wrong > 100
+    assert seen_wrong > 100 and abs(seen_wrong / steps - gen.WRONG_GUESS) < 0.04
+    assert gen.HIGH_GUESS > 0.5 and sum(either_way.values()) > 100
+    assert abs(either_way[1] / sum(either_way.values()) - gen.HIGH_GUESS) < 0.06
 
 
 def test_training_favours_long_operands_evaluation_takes_every_length_alike_and_every_op_comes():

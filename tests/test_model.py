@@ -479,3 +479,23 @@ def test_chunked_head_loss_under_torch_compile(monkeypatch):
     torch.testing.assert_close(loss, eager_loss)
     for name, grad in grads.items():  # inductor fuses and reorders: float32 rounding, as above
         torch.testing.assert_close(grad, eager[name], rtol=1e-4, atol=1e-5 * eager[name].abs().max().item())
+
+
+@pytest.mark.parametrize("arch", ARCHS.values(), ids=ARCHS.keys())
+def test_weights_cast_for_inference_give_autocasts_logits(arch):
+    """cast_for_inference (sampling in bfloat16): every weight in bfloat16, a tied head still the
+    embedding, the rotary tables untouched, and the logits under autocast close to those of the
+    float32 weights (autocast ran the matmuls in bfloat16 already)."""
+    model = tiny(**arch)
+    tied = model.lm_head.weight is model.transformer.wte.weight
+    buffers = {name: b.clone() for name, b in model.named_buffers()}
+    idx = torch.randint(0, 50, (2, 12), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        before = model(idx)[0].float()
+        model.cast_for_inference(torch.bfloat16)
+        after = model(idx)[0].float()
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert (model.lm_head.weight is model.transformer.wte.weight) == tied
+    for name, b in model.named_buffers():
+        assert b.dtype == buffers[name].dtype and torch.equal(b, buffers[name]), name
+    torch.testing.assert_close(after, before, atol=0.05, rtol=0.05)

@@ -415,3 +415,15 @@ def _train_each(spec: str) -> None:
 
 if __name__ == "__main__":
     _train_each(sys.argv[1])
+
+
+@pytest.mark.parametrize("device,expected", [("cuda", "cuda:0"), ("cuda:1", "cuda:1"), ("cpu", None)])
+def test_the_process_group_gets_an_indexed_device(monkeypatch, device, expected):
+    """init_process_group refuses device_id=cuda without an index (FSDP in one process, no torchrun)."""
+    from gptsmith import runtime
+
+    seen = {}
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.distributed, "init_process_group", lambda **kw: seen.update(kw))
+    runtime._init_group("nccl", device)
+    assert seen["device_id"] == (torch.device(expected) if expected else None)

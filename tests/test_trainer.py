@@ -185,6 +185,23 @@ def test_sample_after_training(tiny_cfg, capsys):
         sample(SampleConfig(out_dir=cfg.out_dir + "-missing", device="cpu"))
 
 
+def test_sampling_in_bfloat16_decodes_with_bfloat16_weights(tiny_cfg, monkeypatch):
+    """dtype=bfloat16: the weights are cast once for decoding (not again by autocast at every token)."""
+    from gptsmith.model import GPT
+
+    cfg = tiny_cfg(max_iters=4, eval_interval=4)
+    train(cfg)
+    seen, real = [], GPT.generate
+    monkeypatch.setattr(
+        GPT, "generate", lambda self, *a, **k: seen.append(self.lm_head.weight.dtype) or real(self, *a, **k)
+    )
+    kw = dict(out_dir=cfg.out_dir, device="cpu", num_samples=1, max_new_tokens=20, start="ROMEO:")
+    texts = sample(SampleConfig(dtype="bfloat16", **kw))
+    assert seen == [torch.bfloat16] and len(texts[0]) == len("ROMEO:") + 20
+    sample(SampleConfig(dtype="float32", **kw))
+    assert seen[1] == torch.float32
+
+
 def test_batched_samples_match_one_at_a_time(tiny_cfg):
     """Greedy decoding: samples drawn side by side (5 in batches of 2, 2, 1) equal one drawn alone."""
     cfg = tiny_cfg(max_iters=10, eval_interval=10)

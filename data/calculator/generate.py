@@ -35,7 +35,7 @@ before it; the answer then reads the result backwards, without leading zeros.
         then worked out afresh from the corrected digit, never picked from D or X, so every step
         does the same operations whichever way its guess went. In training 30% of the guesses
         are deliberately one off (their target masked, so the model never learns to guess wrong)
-        so that the model learns the corrections too.
+        so that the model learns the corrections too, most of them one high (wrong_guesses).
 
 Only the trace, the answer and the final '.' are targets. A problem is held out (the val split,
 and data/calculator/evaluate.py's test problems) by a hash of its prompt, so none is ever trained on.
@@ -55,6 +55,7 @@ meta = {"vocab_size": len(CHARS), "stoi": {c: i for i, c in enumerate(CHARS)}, "
 meta["calculator_width"] = WIDTH
 OP_SHARE = {"+": 0.12, "-": 0.13, "*": 0.35, "/": 0.4}  # of training problems: the longer traces need more
 WRONG_GUESS = 0.3  # the share of long-division guesses made one off in training
+HIGH_GUESS = 0.7  # of those, the share made one high where both ways are possible (see wrong_guesses)
 val_share = 0.05
 
 
@@ -171,13 +172,20 @@ class Calculator:
 
     def wrong_guesses(self, rng: np.random.Generator, a: int, b: int) -> list[int]:
         """For each long-division step, 0 or how far its guess is made off: WRONG_GUESS of them by one,
-        up or down, where the guess stays a digit. The quotient digit of step k is the k-th digit
-        of a // b."""
+        where the guess stays a digit; one high with chance HIGH_GUESS where both ways are possible.
+        High guesses get the larger share because after them the remainder R - Q equals neither D
+        nor X: it must be worked out digit by digit with its borrows, while after a right guess (or a
+        low one) it can be read off D (or X). A model that saw too few of them learned the
+        subtraction there badly: one seed's divisions mostly failed at r after a high guess. The
+        quotient digit of step k is the k-th digit of a // b."""
         out = []
         for k in range(self.width):
             q = digit(a // b, self.width - 1 - k)
             ways = [off for off in (-1, 1) if 0 <= q + off <= 9]
-            out.append(int(rng.choice(ways)) if ways and rng.random() < WRONG_GUESS else 0)
+            if not ways or rng.random() >= WRONG_GUESS:
+                out.append(0)
+            else:
+                out.append(ways[0] if len(ways) == 1 else 1 if rng.random() < HIGH_GUESS else -1)
         return out
 
     def example(self, rng: np.random.Generator) -> tuple[list[int], list[int]]:
