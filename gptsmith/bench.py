@@ -48,8 +48,7 @@ def bench_train(cfg: BenchConfig, rt: Runtime, model: GPT) -> dict[str, float]:
     steps. Steps are timed in groups of five with a wait at each end; the median group counts."""
     optimizer = model.configure_optimizers(0.1, 1e-4, (0.9, 0.95), rt.device_type)
     # reduce-overhead: a small model's compiled step waits on the host launching its kernels one by one.
-    compiled = torch.compile(model, mode=cfg.compile_mode, fullgraph=True, dynamic=False) if cfg.compile else None
-    step_model = compiled or model
+    step_model = torch.compile(model, mode=cfg.compile_mode, fullgraph=True, dynamic=False) if cfg.compile else model
     x = torch.randint(cfg.vocab_size, (cfg.batch_size, cfg.block_size + 1), device=rt.device)
 
     def step() -> None:
@@ -85,8 +84,7 @@ def bench_sample(cfg: BenchConfig, rt: Runtime, model: GPT) -> dict[str, float]:
     """New tokens per second with the KV cache and with the window recomputed per token. With compile,
     the KV cache's decode step is compiled (a CUDA graph on GPUs); the recomputation runs uncompiled."""
     model.eval()
-    if rt.dtype != "float32":  # as sample.py decodes
-        model.cast_for_inference(rt.ptdtype)
+    model.cast_for_inference(rt.ptdtype)  # as sample.py decodes
     prompt = torch.zeros((cfg.num_samples, 1), dtype=torch.long, device=rt.device)
     if cfg.compile:
         model.compile_decode()

@@ -478,7 +478,7 @@ class GPT(nn.Module):
         """Keep the weights in dtype (bfloat16, float16) for decoding. Under autocast float32 weights are
         cast again at every token, and decoding one token is mostly reading every weight: in float32 plus
         the cast that is about four times the bytes. Buffers (rotary tables) stay as they are. Training
-        needs the float32 weights; a model cast here is for sampling only."""
+        needs the float32 weights; a model cast here is for sampling only. float32 leaves them as they are."""
         for p in self.parameters():  # each once, so the tied wte/lm_head weight stays shared
             p.data = p.data.to(dtype)
 

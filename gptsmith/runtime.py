@@ -224,12 +224,9 @@ def _restart_safe_rendezvous(rank: int, world_size: int) -> dict[str, Any]:
 
 def _init_group(backend: str, device: str, **kwargs: Any) -> None:
     """init_process_group; by default from torchrun's environment variables (env://)."""
-    # With an index: "cuda" alone (one process, no torchrun) is refused by init_process_group.
-    device_id = (
-        torch.device(device if ":" in device else f"{device}:{torch.cuda.current_device()}")
-        if device.startswith("cuda")
-        else None
-    )
+    device_id = None
+    if device.startswith("cuda"):  # with an index: init_process_group refuses "cuda" alone (one process, no torchrun)
+        device_id = torch.device(device) if ":" in device else torch.device("cuda", torch.cuda.current_device())
     torch.distributed.init_process_group(backend=backend, device_id=device_id, **kwargs)
 
 

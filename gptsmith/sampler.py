@@ -58,8 +58,7 @@ def sample(cfg: SampleConfig) -> list[str]:
     try:
         model, meta = load_model(cfg)
         model = model.to(rt.device).eval()
-        if rt.dtype != "float32":
-            model.cast_for_inference(rt.ptdtype)
+        model.cast_for_inference(rt.ptdtype)
         encode, decode = ds.get_tokenizer(meta)
         ids = encode(read_prompt(cfg.start))
         if not ids:

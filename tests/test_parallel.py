@@ -413,10 +413,6 @@ def _train_each(spec: str) -> None:
         torch.distributed.destroy_process_group()
 
 
-if __name__ == "__main__":
-    _train_each(sys.argv[1])
-
-
 @pytest.mark.parametrize("device,expected", [("cuda", "cuda:0"), ("cuda:1", "cuda:1"), ("cpu", None)])
 def test_the_process_group_gets_an_indexed_device(monkeypatch, device, expected):
     """init_process_group refuses device_id=cuda without an index (FSDP in one process, no torchrun)."""
@@ -427,3 +423,7 @@ def test_the_process_group_gets_an_indexed_device(monkeypatch, device, expected)
     monkeypatch.setattr(torch.distributed, "init_process_group", lambda **kw: seen.update(kw))
     runtime._init_group("nccl", device)
     assert seen["device_id"] == (torch.device(expected) if expected else None)
+
+
+if __name__ == "__main__":
+    _train_each(sys.argv[1])
