@@ -296,14 +296,18 @@ def get_batch(
         host = torch.from_numpy(np.stack([data.tokens[window], data.targets[window]]).astype(np.int64))  # (2, B, T)
     else:
         host = torch.from_numpy(data[starts + np.arange(block_size + 1)].astype(np.int64))  # (B, T+1)
-    if device.startswith("cuda"):
-        batch = host.pin_memory().to(device, non_blocking=True)
-    else:
-        batch = host.to(device)
+    batch = to_device(host, device)
     x, y = (batch[0], batch[1]) if isinstance(data, (TargetedTokens, GeneratedSplit)) else (batch[:, :-1], batch[:, 1:])
     if pad.any():  # only the last batch of a whole-split evaluation: a small extra copy is fine
         y = y.masked_fill(torch.from_numpy(pad[:, None]).to(device), -1)
     return x, y
+
+
+def to_device(host: torch.Tensor, device: str) -> torch.Tensor:
+    """A batch gathered on the host, on the device: pinned and copied without waiting on CUDA."""
+    if device.startswith("cuda"):
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)
 
 
 def get_tokenizer(meta: dict[str, Any] | None) -> tuple[Callable[[str], list[int]], Callable[[list[int]], str]]:

@@ -112,14 +112,7 @@ class GeneratedSplit:
 
     def rows(self, keys: np.ndarray) -> np.ndarray:
         """(2, B, block_size) int64: each key's tokens (padded with 0) and targets (padded with -1)."""
-        length = self.module.block_size
-        out = np.zeros((2, len(keys), length), dtype=np.int64)
-        out[1] = -1
-        for row, key in enumerate(keys):
-            tokens, targets = self.example(key)
-            out[0, row, : len(tokens)] = tokens
-            out[1, row, : len(targets)] = targets
-        return out
+        return padded([self.example(key) for key in keys], self.module.block_size)
 
     def _checked(self, tokens: list[int], targets: list[int]) -> tuple[list[int], list[int]]:
         vocab, length = self.module.meta["vocab_size"], self.module.block_size
@@ -131,7 +124,65 @@ class GeneratedSplit:
         ids, wanted = np.asarray(tokens), np.asarray(targets)
         if ids.min() < 0 or ids.max() >= vocab or wanted.min() < -1 or wanted.max() >= vocab:
             raise UserError(f"{self.path}: example() gave a token or target outside 0..{vocab - 1} (targets: or -1)")
+        if wanted.max() == -1:  # a micro-batch of such examples would have no loss to average
+            raise UserError(f"{self.path}: example() gave an example with no target (every target -1)")
         return tokens, targets
+
+
+def padded(examples: list[tuple[list[int], list[int]]], length: int) -> np.ndarray:
+    """(2, B, length) int64: the examples' tokens (padded with 0) and targets (padded with -1)."""
+    out = np.zeros((2, len(examples), length), dtype=np.int64)
+    out[1] = -1
+    for row, (tokens, targets) in enumerate(examples):
+        out[0, row, : len(tokens)] = tokens
+        out[1, row, : len(targets)] = targets
+    return out
+
+
+class SortedSteps:
+    """The training micro-batches of a generated dataset, one step at a time, sorted by length.
+
+    Examples differ in length (a calculator's sum is 17 tokens, its division 110), and a batch
+    padded to its longest row spends much of its work on padding. So all the rows of a step
+    (every rank's and every micro-step's: the keys the sampler draws for them) are sorted,
+    longest first, and cut into the step's micro-batches, each padded only to its own longest
+    row (to block_size when trim is False: a compiled model would recompile at every new length).
+    With gradient_accumulation_steps=4 the short examples then share micro-batches of short rows.
+    Which micro-batch a row lands in does not change what is learned: the trainer weighs each
+    micro-batch's mean loss by its share of the step's targets, so a step's loss is the mean over
+    all its targets, as one batch of all its rows would give."""
+
+    def __init__(self, split: GeneratedSplit, sampler: Any, trim: bool) -> None:
+        self.split, self.sampler, self.trim = split, sampler, trim
+        self.step: int | None = None
+        self.batches: list[np.ndarray] = []
+        self.counts: list[int] = []
+        self.computed = self.full = 0  # token positions run through the model, and without the trimming
+
+    def micro_batch(self, step: int, index: int) -> tuple[np.ndarray, float]:
+        """Micro-batch index (counted over all ranks) of the step: (2, B, L) tokens and targets, and
+        its share of the step's targets."""
+        if step != self.step:
+            self._build(step)
+        return self.batches[index], self.counts[index] / sum(self.counts)
+
+    def _build(self, step: int) -> None:
+        micro_steps, block_size = self.sampler.micro_steps, self.split.module.block_size
+        keys = np.stack([self.sampler.offsets(step, m) for m in range(micro_steps)])  # (M, B)
+        examples = [self.split.example(key) for key in keys.ravel()]
+        order = np.argsort([-len(tokens) for tokens, _ in examples], kind="stable")  # longest first
+        rows = keys.shape[1]
+        chunks = [[examples[i] for i in order[m * rows : (m + 1) * rows]] for m in range(micro_steps)]
+        self.batches = [padded(c, len(c[0][0]) if self.trim else block_size) for c in chunks]
+        self.counts = [int((b[1] != -1).sum()) for b in self.batches]
+        self.step = step
+        self.computed += sum(b[0].size for b in self.batches)
+        self.full += micro_steps * rows * block_size
+
+    def share_computed(self) -> float:
+        """The share of the full-length token positions left to compute after trimming, so far:
+        MFU counts only these."""
+        return self.computed / self.full if self.full else 1.0
 
 
 def eval_keys(eval_iters: int, batch_size: int, seed: int) -> np.ndarray:

@@ -72,6 +72,12 @@ class TrainData:
     splits: dict[str, Any]
     sampler: ds.BatchSampler
     eval_offsets: dict[str, np.ndarray]  # per evaluated split: (n_batches, batch_size) window starts
+    steps: generated.SortedSteps | None = None  # a generated dataset's training micro-batches, sorted by length
+
+    def share_computed(self) -> float:
+        """The share of the configured token positions that training runs through the model
+        (below 1 where a generated dataset's micro-batches are trimmed): MFU counts only those."""
+        return self.steps.share_computed() if self.steps else 1.0
 
 
 @dataclass
@@ -297,7 +303,11 @@ def open_generated(cfg: TrainConfig, start: init_from.Start, path: Path) -> Trai
     eval_offsets = {
         s: generated.eval_keys(cfg.eval_iters, cfg.batch_size, ds.EVAL_SEED) for s in cfg.evaluated_splits()
     }
-    return TrainData(meta=module.meta, vocab_size=vocab_size, splits=splits, sampler=sampler, eval_offsets=eval_offsets)
+    # A compiled model (dynamic=False) would recompile at every new length: trimmed rows only in eager mode.
+    steps = generated.SortedSteps(splits["train"], sampler, trim=not cfg.compile)
+    return TrainData(
+        meta=module.meta, vocab_size=vocab_size, splits=splits, sampler=sampler, eval_offsets=eval_offsets, steps=steps
+    )
 
 
 def _check_out_dir(out_dir: Path, rt: Runtime) -> None:
@@ -449,12 +459,12 @@ def train_step(run: Run, state: TrainState) -> StepReport | None:
     loss_sum = torch.zeros((), device=rt.device)
     batch = _train_batch(run, state, 0)
     for micro in range(run.micro_per_rank):
-        x, y = batch
+        x, y, divisor = batch
         # Gradients are averaged over ranks only after the last micro-step; before, they accumulate.
         with parallel.grad_sync(model, run.raw_model, run.mode, sync=micro == run.micro_per_rank - 1):
             with rt.autocast():
                 _, loss = model(x, y, return_logits=False)
-                loss = loss / run.micro_per_rank  # each rank averages its micro-steps; DDP/FSDP average ranks
+                loss = loss / divisor  # the micro-batch's part of its rank's mean; DDP/FSDP average ranks
             if micro + 1 < run.micro_per_rank:  # gathered and sent while the device works on this one
                 batch = _train_batch(run, state, micro + 1)
             loss_sum += loss.detach()
@@ -483,10 +493,20 @@ def train_step(run: Run, state: TrainState) -> StepReport | None:
     return report
 
 
-def _train_batch(run: Run, state: TrainState, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Micro-step micro of this rank in the current step: a pure function of (seed, step, micro-step)."""
-    offsets = run.data.sampler.offsets(state.iter_num, run.rt.rank * run.micro_per_rank + micro)
-    return ds.get_batch(run.data.splits["train"], offsets, run.cfg.block_size, run.rt.device)
+def _train_batch(run: Run, state: TrainState, micro: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Micro-step micro of this rank in the current step, a pure function of (seed, step, micro-step):
+    inputs, targets, and what to divide its mean loss by. Token files' micro-batches all hold
+    batch_size x block_size targets, so each is divided by the micro-steps; a generated dataset's
+    hold as many targets as their examples do and weigh by their share of the step's targets
+    (times the ranks, which DDP/FSDP average), so the step's loss is the mean over all its targets."""
+    index = run.rt.rank * run.micro_per_rank + micro
+    if run.data.steps is not None:
+        host, share = run.data.steps.micro_batch(state.iter_num, index)
+        x, y = ds.to_device(torch.from_numpy(host), run.rt.device)
+        return x, y, 1 / (share * run.rt.world_size)
+    offsets = run.data.sampler.offsets(state.iter_num, index)
+    x, y = ds.get_batch(run.data.splits["train"], offsets, run.cfg.block_size, run.rt.device)
+    return x, y, run.micro_per_rank
 
 
 def check_step(run: Run, report: StepReport | None) -> bool:
@@ -588,7 +608,7 @@ def log_step(run: Run, state: TrainState, step_loss: float, lr: float, clock: Sp
     """nanoGPT's log line (plus tokens/s and the time left), and its record in metrics.jsonl."""
     dt = clock.lap(state.iter_num)
     tps = run.tokens_per_step / dt
-    mfu = run.peak.mfu(run.raw_model.flops_per_token() * tps / run.rt.world_size)
+    mfu = run.peak.mfu(run.raw_model.flops_per_token() * tps * run.data.share_computed() / run.rt.world_size)
     eta = clock.eta(run.cfg.max_iters - state.iter_num)
     shown = f"{mfu * 100:.2f}%" if mfu is not None else "n/a"
     print(
@@ -659,7 +679,9 @@ def summarize(
         "elapsed_s": elapsed,
         "eval_s": eval_time,
         "tokens_per_sec": tps,  # mean over the training time, evaluations left out
-        "mfu": run.peak.mfu(run.raw_model.flops_per_token() * tps / run.rt.world_size) if steps else None,
+        "mfu": run.peak.mfu(run.raw_model.flops_per_token() * tps * run.data.share_computed() / run.rt.world_size)
+        if steps
+        else None,
         "loss": last.get("loss"),
         "checkpoint": str(ckpt_io.checkpoint_path(run.out_dir, "ckpt.pt", run.sharded)),
     }

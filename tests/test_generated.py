@@ -14,7 +14,6 @@ import pytest
 import torch
 
 from gptsmith import checkpoint as ckpt_io
-from gptsmith import data as ds
 from gptsmith import generated
 from gptsmith.config import SampleConfig, TrainConfig
 from gptsmith.configurator import UserError
@@ -51,8 +50,10 @@ def shipped_cfg(tmp_path, request):
 
 
 def batches(cfg: TrainConfig, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The micro-batch training takes at (step, micro-step)."""
     data = open_generated(cfg, Start(cfg=cfg), Path(cfg.dataset) / "generate.py")
-    return ds.get_batch(data.splits["train"], data.sampler.offsets(step, micro), cfg.block_size, "cpu")
+    rows, _ = data.steps.micro_batch(step, micro)
+    return torch.from_numpy(rows[0]), torch.from_numpy(rows[1])
 
 
 def test_a_batch_is_a_pure_function_of_seed_step_and_micro_step(shipped_cfg):
@@ -62,7 +63,54 @@ def test_a_batch_is_a_pure_function_of_seed_step_and_micro_step(shipped_cfg):
     assert torch.equal(x, x2) and torch.equal(y, y2)
     assert not torch.equal(x, batches(cfg, 6, 1)[0]) and not torch.equal(x, batches(cfg, 5, 0)[0])
     assert not torch.equal(x, batches(dataclasses.replace(cfg, seed=7), 5, 1)[0])
-    assert x.shape == y.shape == (cfg.batch_size, cfg.block_size)
+    assert x.shape == y.shape and x.shape[0] == cfg.batch_size and x.shape[1] <= cfg.block_size
+
+
+def unpadded(rows: np.ndarray) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+    """Each row of a (2, B, L) batch as (tokens, targets) without its padding."""
+    out = []
+    for tokens, targets in zip(*rows):
+        n = int(np.flatnonzero(targets != -1).max()) + 1  # an example's last token always has a target
+        out.append((tuple(tokens[:n]), tuple(targets[:n])))
+    return out
+
+
+@pytest.mark.parametrize("trim", [True, False])
+def test_a_step_is_its_rows_sorted_by_length_into_micro_batches_each_padded_to_its_own_longest(trim, tmp_path):
+    """The micro-batches of a step hold exactly the examples the sampler drew for it, longest first,
+    each as wide as its longest row (trim; else block_size, for a compiled model)."""
+    cfg = tiny_run(tmp_path, "calculator")(gradient_accumulation_steps=4, batch_size=8)
+    data = open_generated(cfg, Start(cfg=cfg), Path(cfg.dataset) / "generate.py")
+    assert data.steps.trim  # compile=False: trimmed
+    steps = generated.SortedSteps(data.splits["train"], data.sampler, trim=trim)
+    drawn = [row for m in range(4) for row in unpadded(data.splits["train"].rows(data.sampler.offsets(3, m)))]
+    micro = [steps.micro_batch(3, m) for m in range(4)]
+    rows = [row for batch, _ in micro for row in unpadded(batch)]
+    assert sorted(rows) == sorted(drawn) and len({len(t) for t, _ in rows}) > 2  # lengths do differ
+    assert [len(t) for t, _ in rows] == sorted((len(t) for t, _ in rows), reverse=True)
+    for batch, share in micro:
+        assert batch.shape[1] == 8
+        assert batch.shape[2] == (len(unpadded(batch)[0][0]) if trim else cfg.block_size)
+        assert share == pytest.approx((batch[1] != -1).sum() / sum(len([t for t in tg if t != -1]) for _, tg in rows))
+    assert sum(share for _, share in micro) == pytest.approx(1.0)
+    assert (steps.share_computed() < 0.8) == trim and steps.share_computed() <= 1.0  # MFU counts computed tokens
+
+
+def test_a_step_learns_the_same_however_its_rows_are_split_into_micro_batches(tmp_path):
+    """64 rows as 1 micro-batch or as 4 sorted ones of 16: the same examples, and the same step,
+    since each micro-batch weighs by its share of the step's targets, not a quarter each."""
+    make = tiny_run(tmp_path, "calculator")
+    kw = dict(max_iters=3, lr_decay_iters=3, eval_interval=3)
+    one = make(out_dir=str(tmp_path / "one"), batch_size=16, gradient_accumulation_steps=1, **kw)
+    four = make(out_dir=str(tmp_path / "four"), batch_size=4, gradient_accumulation_steps=4, **kw)
+    train(one)
+    train(four)
+    losses = [[r["loss"] for r in read_metrics(c.out_dir)[0]] for c in (one, four)]
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5)
+    pa = ckpt_io.load_checkpoint(Path(one.out_dir) / "ckpt.pt")["model"]
+    pb = ckpt_io.load_checkpoint(Path(four.out_dir) / "ckpt.pt")["model"]
+    for k in pa:
+        torch.testing.assert_close(pb[k], pa[k], rtol=1e-4, atol=1e-6)
 
 
 def test_only_the_answer_is_a_target_and_padding_is_masked():
@@ -161,6 +209,7 @@ GOOD = textwrap.dedent("""
         (GOOD, {"sampler": "epoch"}, "use sampler='random'"),
         (GOOD.replace("[-1, 1, 1, -1]", "[-1, 7, 1, -1]"), {}, "outside 0..2"),
         (GOOD.replace("[-1, 1, 1, -1]", "[-1, 1]"), {}, "as many"),
+        (GOOD.replace("[-1, 1, 1, -1]", "[-1, -1, -1, -1]"), {}, "no target"),
     ],
 )
 def test_a_broken_generator_or_setting_is_one_error_line(tmp_path, body, overrides, message):
