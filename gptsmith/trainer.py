@@ -166,6 +166,12 @@ class Run:
     def tokens_per_step(self) -> int:
         return self.cfg.tokens_per_step()
 
+    def mfu(self, tokens_per_sec: float) -> float | None:
+        """MFU of a training speed in tokens/s (all ranks'), per device, counting only the token
+        positions the model ran (a generated dataset's trimmed padding is not work done)."""
+        flops = self.raw_model.flops_per_token() * tokens_per_sec * self.data.share_computed()
+        return self.peak.mfu(flops / self.rt.world_size)
+
     def should_eval(self, state: TrainState) -> bool:
         """Every eval_interval steps and at the last; before the first unless eval_at_start=False;
         not again at a step whose evaluation a resumed checkpoint already holds."""
@@ -608,7 +614,7 @@ def log_step(run: Run, state: TrainState, step_loss: float, lr: float, clock: Sp
     """nanoGPT's log line (plus tokens/s and the time left), and its record in metrics.jsonl."""
     dt = clock.lap(state.iter_num)
     tps = run.tokens_per_step / dt
-    mfu = run.peak.mfu(run.raw_model.flops_per_token() * tps * run.data.share_computed() / run.rt.world_size)
+    mfu = run.mfu(tps)
     eta = clock.eta(run.cfg.max_iters - state.iter_num)
     shown = f"{mfu * 100:.2f}%" if mfu is not None else "n/a"
     print(
@@ -679,9 +685,7 @@ def summarize(
         "elapsed_s": elapsed,
         "eval_s": eval_time,
         "tokens_per_sec": tps,  # mean over the training time, evaluations left out
-        "mfu": run.peak.mfu(run.raw_model.flops_per_token() * tps * run.data.share_computed() / run.rt.world_size)
-        if steps
-        else None,
+        "mfu": run.mfu(tps) if steps else None,
         "loss": last.get("loss"),
         "checkpoint": str(ckpt_io.checkpoint_path(run.out_dir, "ckpt.pt", run.sharded)),
     }
