@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -106,11 +107,37 @@ def test_every_trace_works_out_the_answer(op, width):
                 check_trace(c, a, op, b, c.text(a, op, b, [off if 0 <= d + off <= 9 else 0 for d in q]))
 
 
-@pytest.mark.parametrize("overlay, width", [([], 3), (["config/calculator4.py"], 4)])
-def test_the_shipped_configs_fit_their_generators_longest_example(overlay, width):
-    cfg = load_config(TrainConfig, [str(ROOT / c) for c in ["config/calculator.py", *overlay]])
-    assert cfg.block_size == gen.Calculator(width).block_size
-    assert cfg.dataset == ("calculator" if width == 3 else "calculator4")
+@pytest.mark.parametrize(
+    "overlay, dataset, width",
+    [(None, "calculator", 3), ("calculator4", "calculator4", 4), ("calculator_beyond", "calculator_beyond", 4)],
+)
+def test_the_shipped_configs_fit_their_generators_longest_example(overlay, dataset, width):
+    files = ["config/calculator.py"] + ([f"config/{overlay}.py"] if overlay else [])
+    cfg = load_config(TrainConfig, [str(ROOT / f) for f in files])
+    module = generated.load_generator(ROOT / "data" / dataset / "generate.py", dataset)
+    assert cfg.dataset == dataset and cfg.block_size == module.block_size == gen.Calculator(width).block_size
+    assert module.CALCULATOR.width == module.meta["calculator_width"] == width
+
+
+def test_beyond_the_trained_range_training_never_draws_a_4_digit_operand_evaluation_does():
+    """data/calculator_beyond: the 4-digit layout, trained on 0..999 with the 3-digit recipe's
+    length chances; evaluation poses every length up to 4 and marks the untrained one."""
+    module = generated.load_generator(ROOT / "data" / "calculator_beyond" / "generate.py", "calculator_beyond")
+    c = module.CALCULATOR
+    assert (c.width, c.train_width, module.meta["calculator_train_width"]) == (4, 3, 3)
+    rng = np.random.default_rng(3)
+    draws = [c.draw(rng) for _ in range(20000)]
+    assert max(len(str(x)) for a, _, b in draws for x in (a, b)) == 3
+    lengths = np.bincount([len(str(a)) for a, _, _ in draws])[1:] / len(draws)
+    assert np.allclose(lengths, [1 / 6, 2 / 6, 3 / 6], atol=0.02)  # as data/calculator trains
+    for _ in range(300):  # what training sees: the prompt's leading digits are always 0
+        tokens, _ = c.example(rng)
+        prompt = "".join(gen.meta["itos"][t] for t in tokens[: c.prompt_len])
+        assert prompt[0] == prompt[5] == "0" and len(prompt) == 10
+    tested = solver.held_out_problems(c, "*", 400, seed=0)
+    assert {max(len(str(a)), len(str(b))) for a, _, b in tested} == {1, 2, 3, 4}
+    assert evaluate.longest(c, 1234, 5) == "4 (beyond training)" and evaluate.longest(c, 123, 5) == "3"
+    assert evaluate.longest(gen.Calculator(4), 1234, 5) == "4"
 
 
 def test_only_trace_and_answer_are_targets_never_a_wrong_guess():
@@ -284,7 +311,9 @@ def test_evaluate_decodes_with_the_real_model_and_reports_every_op(tiny_calculat
     """The untrained model's answers are wrong, but every problem is decoded and scored."""
     acc = evaluate.evaluate(evaluate.EvalConfig(out_dir=tiny_calculator, device="cpu", n_per_op=30, batch_size=16))
     assert set(acc) == set(gen.OPS) and all(0 <= v <= 1 for v in acc.values())
-    last = capsys.readouterr().out.splitlines()[-1]
+    lines = capsys.readouterr().out.splitlines()
+    last = lines[-1]
+    assert re.match(r"all ops by the longest operand: 1: \d\.\d{4} \(\d+\)  2: .*  3: ", lines[-2])
     assert re.fullmatch(r"exact-match accuracy: \+\d\.\d{4} -\d\.\d{4} \*\d\.\d{4} /\d\.\d{4}", last)
 
 
@@ -295,7 +324,14 @@ def test_the_checkpoint_says_its_width_and_another_dataset_is_refused(tmp_path, 
                        "eval_iters": 1, "out_dir": str(tmp_path / "c4")})  # fmt: skip
     train(wide)
     model, c = solver.load_calculator(Path(wide.out_dir) / "ckpt.pt")
-    assert c.width == 4 and c.block_size == model.config.block_size == width4
+    assert c.width == c.train_width == 4 and c.block_size == model.config.block_size == width4
+    beyond = replace(wide, dataset=str(ROOT / "data" / "calculator_beyond"), out_dir=str(tmp_path / "beyond"))
+    train(beyond)
+    narrow = solver.load_calculator(Path(beyond.out_dir) / "ckpt.pt")[1]
+    assert (narrow.width, narrow.train_width) == (4, 3)
+    calc.Evaluation("1234+1", c)  # the 4-digit model takes it; the one trained on 0..999 does not
+    with pytest.raises(UserError, match=r"1234 is outside 0\.\.999, the range the model was trained on"):
+        calc.Evaluation("1234+1", narrow)
     other = TrainConfig(dataset=str(ROOT / "data" / "reverse"), **{**TINY, "block_size": 17, "max_iters": 1,
                         "eval_iters": 1, "out_dir": str(tmp_path / "rev")})  # fmt: skip
     train(other)

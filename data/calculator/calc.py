@@ -107,8 +107,8 @@ class Evaluation:
     def __init__(self, text: str, calc: gen.Calculator) -> None:
         self.text, self.tree, self.calc = text, parse(text), calc
         for n in _numbers(self.tree):
-            if n > calc.max_operand:
-                raise UserError(f"{text!r}: {n} is outside 0..{calc.max_operand}, the range the model was trained on")
+            if n > calc.trained_max:
+                raise UserError(f"{text!r}: {n} is outside 0..{calc.trained_max}, the range the model was trained on")
         self.traces: list[str] = []
         self.answer = str(self.tree) if isinstance(self.tree, int) else ""  # a lone number is its own answer
         self.error = ""
@@ -123,9 +123,9 @@ class Evaluation:
         """Why this step cannot be put to the model ('' if it can)."""
         a, op, b = step
         for x in (a, b):
-            if not 0 <= x <= self.calc.max_operand:
+            if not 0 <= x <= self.calc.trained_max:
                 return (
-                    f"{self.text!r}: an intermediate result, {x}, is outside 0..{self.calc.max_operand}, "
+                    f"{self.text!r}: an intermediate result, {x}, is outside 0..{self.calc.trained_max}, "
                     "the range the model was trained on"
                 )
         if op == "/" and b == 0:

@@ -59,9 +59,24 @@ def difficulty(calc: gen.Calculator, a: int, op: str, b: int) -> str:
     return f"{len(str(a // b))}-digit quotient"
 
 
+def longest(calc: gen.Calculator, a: int, b: int) -> str:
+    """The longer operand's digits, marked where training never drew that length (data/calculator_beyond)."""
+    n = max(len(str(a)), len(str(b)))
+    return f"{n}" + (" (beyond training)" if n > calc.train_width else "")
+
+
+def breakdown(problems: list[tuple[int, str, int]], right: np.ndarray, rows: list[int], key) -> str:
+    """The accuracy of the given rows grouped by key(a, op, b), with each group's size."""
+    groups = defaultdict(list)
+    for i in rows:
+        groups[key(*problems[i])].append(right[i])
+    return "  ".join(f"{g}: {np.mean(v):.4f} ({len(v)})" for g, v in sorted(groups.items()))
+
+
 def report(calc: gen.Calculator, problems: list[tuple[int, str, int]], right: np.ndarray) -> dict[str, float]:
-    """Print the breakdown per operation; return the accuracy of each."""
+    """Print the breakdown per operation, then by the longest operand over all; return the accuracy of each op."""
     accuracy = {}
+    by_longest = lambda a, op, b: longest(calc, a, b)  # noqa: E731
     for op in gen.OPS:
         rows = [i for i, p in enumerate(problems) if p[1] == op]
         accuracy[op] = float(right[rows].mean())
@@ -69,12 +84,10 @@ def report(calc: gen.Calculator, problems: list[tuple[int, str, int]], right: np
         for title, key in (
             ("digits", lambda a, op, b: f"{len(str(a))}{op}{len(str(b))}"),
             ("by", lambda a, op, b: difficulty(calc, a, op, b)),
+            ("longest operand", by_longest),
         ):
-            groups = defaultdict(list)
-            for i in rows:
-                groups[key(*problems[i])].append(right[i])
-            cells = "  ".join(f"{g}: {np.mean(v):.4f} ({len(v)})" for g, v in sorted(groups.items()))
-            print(f"   {title}: {cells}")
+            print(f"   {title}: {breakdown(problems, right, rows, key)}")
+    print(f"all ops by the longest operand: {breakdown(problems, right, list(range(len(problems))), by_longest)}")
     return accuracy
 
 

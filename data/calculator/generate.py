@@ -90,10 +90,16 @@ def answer(a: int, op: str, b: int) -> str:
 
 
 class Calculator:
-    """The problems and traces for operands of up to `width` digits (written zero-padded to it)."""
+    """The problems and traces for operands of up to `width` digits (written zero-padded to it).
+    Training draws operands of up to `train_width` digits (default: width); evaluation takes every
+    length up to width, so a narrower train_width measures accuracy beyond the trained range."""
 
-    def __init__(self, width: int) -> None:
+    def __init__(self, width: int, train_width: int | None = None) -> None:
         w = self.width = width
+        self.train_width = train_width or width
+        if not 1 <= self.train_width <= width:
+            raise ValueError(f"train_width {train_width} is not in 1..{width}")
+        self.trained_max = 10**self.train_width - 1  # the largest operand training draws
         self.max_operand = 10**w - 1
         self.prompt_len = 2 * w + 2  # 'aaa?bbb='
         self.step_len = 8 * w + 7  # one long-division step: R, g, P, D and X with their signs, q, Q, r
@@ -149,18 +155,21 @@ class Calculator:
         return int(rng.integers(max(low, 0 if n == 1 else 10 ** (n - 1)), 10**n))
 
     def length_chances(self, divisor: bool = False) -> np.ndarray:
-        """The training chances of an operand's lengths 1..width. k digits come with chance
+        """The training chances of an operand's lengths 1..width (0 beyond train_width). k digits come with chance
         proportional to k (3 digits half the time at width 3): the long operands are where the
         model errs, and the few short problems are soon learned. A divisor's lengths go otherwise:
         the hardest guesses are those of a multi-digit quotient by a divisor of several digits
         (3 by 2 digits at width 3), so the middle lengths share half, the shortest (long quotients,
         easy guesses) has 30% and the longest (one real step) 20%."""
-        k = np.arange(1, self.width + 1, dtype=float)
+        n = self.train_width  # lengths beyond it are never drawn for training
+        k = np.arange(1, n + 1, dtype=float)
         if not divisor:
-            return k / k.sum()
-        if self.width < 3:
-            return np.full(self.width, 1 / self.width)
-        return np.array([0.3] + [0.5 / (self.width - 2)] * (self.width - 2) + [0.2])
+            chances = k / k.sum()
+        elif n < 3:
+            chances = np.full(n, 1 / n)
+        else:
+            chances = np.array([0.3] + [0.5 / (n - 2)] * (n - 2) + [0.2])
+        return np.concatenate([chances, np.zeros(self.width - n)])
 
     def draw(self, rng: np.random.Generator, op: str | None = None, balanced: bool = False) -> tuple[int, str, int]:
         """A random problem (a, op, b); op drawn by OP_SHARE unless given. Training's operand

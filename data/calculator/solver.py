@@ -41,7 +41,8 @@ class Solution:
 
 
 def load_calculator(path: Path) -> tuple[GPT, gen.Calculator]:
-    """The checkpoint's model and the format it was trained on (the operands' width), after checking
+    """The checkpoint's model and the format it was trained on (the operands' width, and the longest
+    operands it was trained on where they were narrower: data/calculator_beyond), after checking
     that it was trained on calculator problems."""
     state = ckpt_io.load_checkpoint(path)
     meta = state.get("meta") or {}
@@ -50,7 +51,8 @@ def load_calculator(path: Path) -> tuple[GPT, gen.Calculator]:
             f"{path} was not trained on data/calculator (its vocabulary differs); "
             "train one with: python train.py config/calculator.py"
         )
-    return ckpt_io.model_from_checkpoint(state, path), gen.Calculator(meta["calculator_width"])
+    calc = gen.Calculator(meta["calculator_width"], meta.get("calculator_train_width"))
+    return ckpt_io.model_from_checkpoint(state, path), calc
 
 
 def solve(

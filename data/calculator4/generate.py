@@ -7,14 +7,11 @@
 The format is data/calculator/generate.py's (read it there) at width 4; only the width differs.
 """
 
-import importlib.util
 from pathlib import Path
 
-_spec = importlib.util.spec_from_file_location(
-    "gptsmith_calculator_format", Path(__file__).parents[1] / "calculator" / "generate.py"
-)
-_base = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_base)
+from gptsmith.generated import load_generator
+
+_base = load_generator(Path(__file__).parents[1] / "calculator" / "generate.py", "calculator")
 
 WIDTH = 4
 CALCULATOR = _base.Calculator(WIDTH)
