@@ -344,6 +344,58 @@ def test_dropout_only_in_training_mode():
     assert not torch.allclose(a, c)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_dropout_drops_with_chance_p_scales_the_rest_and_passes_gradients_through_the_mask(dtype):
+    torch.manual_seed(0)
+    x = torch.randn(200, 500, dtype=dtype).abs().add_(0.5).requires_grad_()
+    y = model_module.dropout(x, 0.2)
+    assert y.dtype == dtype
+    dropped = y == 0
+    assert abs(dropped.float().mean().item() - 0.2) < 0.005  # 100,000 draws: 4 standard deviations
+    torch.testing.assert_close(y[~dropped], (x[~dropped] / 0.8).to(dtype))
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, (~dropped).to(dtype) / 0.8)
+    assert model_module.dropout(x, 0.2, training=False) is x and model_module.dropout(x, 0.0) is x
+    assert not model_module.dropout(x, 1.0).any()
+    module = model_module.Dropout(0.2)
+    torch.manual_seed(1)
+    a = module(x)
+    torch.manual_seed(1)
+    torch.testing.assert_close(a, model_module.dropout(x, 0.2))  # the module is the function
+    assert module.eval()(x) is x
+
+
+@pytest.mark.parametrize("n_kv_head", [4, 2])
+def test_written_out_attention_is_sdpas_causal_attention_and_drops_weights_like_dropout(n_kv_head):
+    """CPU training with dropout writes attention out (model.causal_attention_with_dropout): without
+    dropout it is SDPA's causal attention (grouped-query too); with it, the weights after softmax
+    go through the same dropout as everything else."""
+    torch.manual_seed(0)
+    q = torch.randn(2, 4, 10, 8)
+    k, v = torch.randn(2, n_kv_head, 10, 8), torch.randn(2, n_kv_head, 10, 8)
+    expected = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=n_kv_head != 4)
+    torch.testing.assert_close(model_module.causal_attention_with_dropout(q, k, v, 0.0), expected)
+    torch.manual_seed(5)
+    y = model_module.causal_attention_with_dropout(q, k, v, 0.3)
+    group = 4 // n_kv_head
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    att = (q @ k.transpose(-2, -1) / math.sqrt(8)).masked_fill(torch.ones(10, 10).triu(1).bool(), float("-inf"))
+    torch.manual_seed(5)
+    torch.testing.assert_close(y, model_module.dropout(att.softmax(-1), 0.3) @ v)
+
+
+def test_training_with_dropout_on_a_cpu_takes_the_written_out_attention(monkeypatch):
+    model = tiny(dropout=0.1)
+    calls = []
+    real = model_module.causal_attention_with_dropout
+    monkeypatch.setattr(model_module, "causal_attention_with_dropout", lambda *a: calls.append(1) or real(*a))
+    idx = torch.randint(0, 50, (2, 8))
+    model(idx, idx)
+    assert not calls  # evaluation: no dropout, SDPA
+    model.train()(idx, idx)
+    assert len(calls) == 2  # one per layer
+
+
 # The chunked head + loss (model.ChunkedHeadLoss). CHUNKED_LOSS_BYTES = 0 sends every forward(...,
 # return_logits=False) with targets down the chunked path, in chunks of 128 rows (the least): the 20 x 16 = 320
 # rows below make two full chunks and a partial one of 64.
