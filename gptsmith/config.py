@@ -48,13 +48,16 @@ class RuntimeKeys(KeyGroup):
 
     device: str = opt("auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
     dtype: str = opt(
-        "auto", "auto (bfloat16 where supported, float16 on older GPUs, float32 on CPU), float32, bfloat16, float16"
+        "auto",
+        "auto (bfloat16 on GPUs that have it, else float16; on a CPU bfloat16 where it has bfloat16 units and a "
+        "block measures faster, else float32), float32, bfloat16, float16",
     )
     seed: int = opt(1337, "seed for initialisation, dropout, the data order and sampling")
     sdpa_backend: str = opt(
         "auto",
         "attention kernels: auto (on Hopper GPUs and newer cuDNN, then flash, efficient, math; elsewhere torch's "
-        "choice), or force one: cudnn, flash, efficient (CUDA only), math",
+        "choice), or force one: cudnn, flash, efficient (CUDA only), math. CPU training with dropout writes "
+        "attention out instead (faster there)",
     )
 
     def check(self) -> None:
