@@ -182,6 +182,7 @@ class Dropout(nn.Dropout):
 
 
 def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
+    """F.dropout(x, p, training), with Dropout's cheaper mask on a CPU."""
     if not training or p == 0.0:
         return x
     if x.device.type != "cpu" or p == 1.0:
@@ -195,7 +196,7 @@ def causal_attention_with_dropout(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     scaled_dot_product_attention with dropout leaves its flash kernel for a math path that gains
     nothing from bfloat16 (as slow as float32) and draws its mask with bernoulli_; written out, the
     matmuls run in the autocast dtype and the mask is dropout()'s: a bfloat16 training step of
-    config/shakespeare_char.py took 1.4x less time (docs/benchmarks.md)."""
+    config/shakespeare_char.py ran 1.5x faster (docs/benchmarks.md)."""
     T, group = q.size(-2), q.size(1) // k.size(1)
     if group > 1:
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
@@ -252,9 +253,9 @@ class CausalSelfAttention(nn.Module):
         # Without a mask (no cache, or prefill) the causal attention among these T positions: the flash
         # path on GPUs. enable_gqa: each key/value head serves n_head / n_kv_head query heads, without
         # copying k and v n_head / n_kv_head times (repeat_interleave) first.
-        dropout = self.dropout if self.training else 0.0
-        if dropout and mask is None and q.device.type == "cpu":
-            y = causal_attention_with_dropout(q, k, v, dropout)
+        p_drop = self.dropout if self.training else 0.0
+        if p_drop and mask is None and q.device.type == "cpu":
+            y = causal_attention_with_dropout(q, k, v, p_drop)
         else:
             y = F.scaled_dot_product_attention(
                 q,
@@ -262,7 +263,7 @@ class CausalSelfAttention(nn.Module):
                 v,
                 attn_mask=mask,
                 is_causal=mask is None,
-                dropout_p=dropout,
+                dropout_p=p_drop,
                 enable_gqa=self.n_kv_head != self.n_head,
             )  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble the heads side by side
