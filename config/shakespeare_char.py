@@ -23,6 +23,11 @@ n_head = 6
 n_embd = 384
 dropout = 0.2
 
+# On one GPU, replay each step's forward and backward as CUDA graphs: a model this small otherwise
+# waits on the host launching its ~300 kernels (H100: 5.9 ms a step against 9-13; docs/benchmarks.md).
+# A CPU, DDP and FSDP compile it as usual.
+compile_mode = "reduce-overhead"
+
 learning_rate = 1e-3  # a small network can take a larger step
 max_iters = 5000
 lr_decay_iters = 5000  # usually equal to max_iters

@@ -106,6 +106,22 @@ class ModelKeys(KeyGroup):
         )
 
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune")
+
+
+@dataclass
+class CompileModeKeys(KeyGroup):
+    compile_mode: str = opt(
+        "default",
+        "torch.compile's mode for the training step, with compile: default; reduce-overhead (forward and backward "
+        "replayed as CUDA graphs on GPUs: for small models, whose step waits on the host launching kernels); "
+        "max-autotune-no-cudagraphs or max-autotune (matmul kernels tuned at start: minutes more compiling)",
+    )
+
+    def check(self) -> None:
+        self.one_of("compile_mode", COMPILE_MODES)
+
+
 @dataclass
 class PeakKeys(KeyGroup):
     peak_flops: float = opt(
@@ -260,7 +276,15 @@ class SystemKeys(KeyGroup):
 # Bases in reverse order: a dataclass lists the fields of its last base first.
 @dataclass
 class TrainConfig(
-    PeakKeys, RuntimeKeys, SystemKeys, ScheduleKeys, OptimizerKeys, ModelKeys, TrainDataKeys, TrainIOKeys
+    CompileModeKeys,
+    PeakKeys,
+    RuntimeKeys,
+    SystemKeys,
+    ScheduleKeys,
+    OptimizerKeys,
+    ModelKeys,
+    TrainDataKeys,
+    TrainIOKeys,
 ):
     """Training configuration: nanoGPT's keys, defaults and meanings, plus a few of our own."""
 
@@ -280,6 +304,14 @@ class TrainConfig(
                 f"({self.batch_size} * {self.block_size} = {micro_tokens} tokens per micro-step); "
                 f"e.g. --total_batch_size={nearest}"
             )
+
+    def compile_mode_for(self, distributed: bool) -> str:
+        """torch.compile's mode for this run. CUDA graphs (reduce-overhead, max-autotune) are recorded only
+        in one process without FSDP: DDP's and FSDP's hooks and collectives do not replay inside one (and
+        PyTorch has open crashes with them), so there the mode falls back to default."""
+        if self.compile_mode in ("reduce-overhead", "max-autotune") and (distributed or self.sharded):
+            return "default"
+        return self.compile_mode
 
     @property
     def sharded(self) -> bool:
@@ -362,7 +394,7 @@ class SampleConfig(RuntimeKeys, CheckpointKeys):
 
 
 @dataclass
-class BenchConfig(PeakKeys, RuntimeKeys, ModelKeys):
+class BenchConfig(CompileModeKeys, PeakKeys, RuntimeKeys, ModelKeys):
     """Benchmark configuration: random weights and tokens of the model the keys describe."""
 
     what: str = opt(
@@ -378,15 +410,9 @@ class BenchConfig(PeakKeys, RuntimeKeys, ModelKeys):
     num_samples: int = opt(1, "sequences decoded side by side (sample); tokens/s counts the tokens of all")
     repeats: int = opt(3, "generations per mode; the median is reported (sample)")
     compile: bool = opt(False, "torch.compile the model (train) or the KV-cache decode step (sample)")
-    compile_mode: str = opt(
-        "default",
-        "torch.compile's mode for the training step (train, with compile): default, or reduce-overhead (the forward "
-        "and backward replayed as CUDA graphs on GPUs; train.py has no such mode)",
-    )
 
     def check(self) -> None:
         self.one_of("what", ("train", "sample", "peak"))
-        self.one_of("compile_mode", ("default", "reduce-overhead"))
         self.positive("vocab_size", "batch_size", "steps", "max_new_tokens", "num_samples", "repeats")
 
 

@@ -94,11 +94,11 @@ def wrap_ddp(model: torch.nn.Module, rt: Runtime, static_graph: bool = True) -> 
     )
 
 
-def compile_blocks(model: GPT) -> None:
+def compile_blocks(model: GPT, mode: str = "default") -> None:
     """torch.compile each transformer block in place, before FSDP shards it: compiling the sharded
     root instead leaves dynamo falling back to eager around FSDP's hooks. Parameter names stay."""
     for block in model.transformer.h:
-        block.compile(fullgraph=True, dynamic=False)
+        block.compile(mode=mode, fullgraph=True, dynamic=False)
 
 
 def grad_sync(model: torch.nn.Module, raw_model: torch.nn.Module, mode: str | None, sync: bool) -> Any:

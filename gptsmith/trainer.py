@@ -217,9 +217,14 @@ def build_run(cfg: TrainConfig, explicit: set[str], rt: Runtime) -> tuple[Run, T
     if start.state is not None:
         state = restore(start.state, model=model, optimizer=optimizer, scaler=scaler, rt=rt, cfg=cfg)
     raw_model, forward_model = model, model
+    mode = cfg.compile_mode_for(rt.distributed)
+    if cfg.compile and mode != cfg.compile_mode and rt.master:
+        print(
+            f"compile_mode={cfg.compile_mode!r} records CUDA graphs, not with {cfg.parallel.upper()}: compiling in 'default'"
+        )
     if cfg.compile and not cfg.sharded:  # (under FSDP build_model compiled each block)
         # One graph for the whole model, shapes fixed: every batch has the same (B, T).
-        forward_model = torch.compile(forward_model, fullgraph=True, dynamic=False)
+        forward_model = torch.compile(forward_model, mode=mode, fullgraph=True, dynamic=False)
     if rt.distributed and cfg.parallel == "ddp":
         forward_model = parallel.wrap_ddp(forward_model, rt, static_graph=not cfg.activation_checkpointing)
     peak = Peak(None, "only rank 0 reports MFU")
@@ -360,7 +365,7 @@ def build_model(cfg: TrainConfig, start: init_from.Start, vocab_size: int, rt: R
         parallel.checkpoint_activations(model)
     if cfg.sharded:
         if cfg.compile:
-            parallel.compile_blocks(model)
+            parallel.compile_blocks(model, mode=cfg.compile_mode_for(rt.distributed))
         parallel.shard(model, rt)
         rt.cast_by_fsdp = True  # its mixed-precision policy computes in bfloat16; autocast would only add casts
     return model

@@ -182,8 +182,8 @@ def test_under_fsdp_each_block_is_compiled_before_sharding(tiny_cfg, monkeypatch
     compiled = []
     real = parallel.compile_blocks
 
-    def spy(model):
-        real(model)
+    def spy(model, mode):
+        real(model, mode)
         compiled.extend(getattr(b, "_compiled_call_impl", None) is not None for b in model.transformer.h)
 
     monkeypatch.setattr(parallel, "compile_blocks", spy)
@@ -192,6 +192,30 @@ def test_under_fsdp_each_block_is_compiled_before_sharding(tiny_cfg, monkeypatch
     summary = train(dataclasses.replace(cfg, compile=True, out_dir=cfg.out_dir + "-compiled"))
     assert compiled == [True, True]
     assert summary["val_loss"] == pytest.approx(eager["val_loss"], abs=1e-4)
+
+
+def test_compile_mode_reaches_torch_compile_and_cuda_graphs_stay_out_of_ddp_and_fsdp(tiny_cfg, monkeypatch, capsys):
+    """compile_mode=reduce-overhead (config/shakespeare_char.py's) reaches torch.compile in one process;
+    under FSDP (and DDP: compile_mode_for) the CUDA-graph modes fall back to default, with a note."""
+    modes = []
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: modes.append(kw["mode"]) or model)
+    monkeypatch.setattr(parallel, "compile_blocks", lambda model, mode: modes.append(f"blocks {mode}"))
+    cfg = tiny_cfg(max_iters=1, eval_interval=1, compile=True, compile_mode="reduce-overhead")
+    train(cfg)
+    assert modes == ["reduce-overhead"] and "compiling in 'default'" not in capsys.readouterr().out
+    train(dataclasses.replace(cfg, parallel="fsdp", out_dir=cfg.out_dir + "-fsdp"))
+    assert modes == ["reduce-overhead", "blocks default"]
+    assert "compile_mode='reduce-overhead' records CUDA graphs, not with FSDP" in capsys.readouterr().out
+    for mode, distributed in [
+        ("reduce-overhead", "default"),
+        ("max-autotune", "default"),
+        ("max-autotune-no-cudagraphs", "max-autotune-no-cudagraphs"),
+        ("default", "default"),
+    ]:
+        ddp = dataclasses.replace(cfg, compile_mode=mode)
+        assert (ddp.compile_mode_for(False), ddp.compile_mode_for(True)) == (mode, distributed)
+    with pytest.raises(UserError, match="compile_mode must be one of"):
+        tiny_cfg(compile_mode="fastest")
 
 
 # --- the attention kernels -------------------------------------------------------------------
