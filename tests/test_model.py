@@ -352,6 +352,10 @@ def test_cpu_dropout_drops_with_chance_p_scales_the_rest_and_passes_gradients_th
     assert y.dtype == dtype
     dropped = y == 0
     assert abs(dropped.float().mean().item() - 0.2) < 0.005  # 100,000 draws: 4 standard deviations
+    for lane in range(4):  # each 64-bit draw makes four 16-bit numbers: each drops with chance p
+        assert abs(dropped.flatten()[lane::4].float().mean().item() - 0.2) < 0.01  # 25,000: 4 sd
+    odd = model_module.dropout(torch.ones(3, 7, 5, dtype=dtype), 0.5)  # 105 elements: not whole draws
+    assert odd.shape == (3, 7, 5) and set(odd.unique().tolist()) == {0.0, 2.0}
     torch.testing.assert_close(y[~dropped], (x[~dropped] / 0.8).to(dtype))
     y.sum().backward()
     torch.testing.assert_close(x.grad, (~dropped).to(dtype) / 0.8)
@@ -382,6 +386,23 @@ def test_written_out_attention_is_sdpas_causal_attention_and_drops_weights_like_
     att = (q @ k.transpose(-2, -1) / math.sqrt(8)).masked_fill(torch.ones(10, 10).triu(1).bool(), float("-inf"))
     torch.manual_seed(5)
     torch.testing.assert_close(y, model_module.dropout(att.softmax(-1), 0.3) @ v)
+
+
+@pytest.mark.slow  # torch.compile: about 15 s on a 2-core CPU
+def test_compiled_training_on_a_cpu_draws_the_eager_dropout_masks():
+    """The CPU's dropout masks come from an operator torch.compile calls rather than traces
+    (model.dropout_mask): a compiled step draws the masks an eager one draws, from the same
+    generator, so its loss and gradients are the eager ones (inductor's own random numbers would
+    differ)."""
+    model = tiny(dropout=0.2).train()
+    idx = torch.randint(0, 50, (4, 8))
+    torch.manual_seed(7)
+    eager_loss, eager_grads = loss_and_grads(model, idx, idx, False)
+    torch.manual_seed(7)
+    loss, grads = loss_and_grads(torch.compile(model, fullgraph=True, dynamic=False), idx, idx, False)
+    torch.testing.assert_close(loss, eager_loss)
+    for name, grad in eager_grads.items():
+        torch.testing.assert_close(grads[name], grad, msg=name)
 
 
 def test_training_with_dropout_on_a_cpu_takes_the_written_out_attention(monkeypatch):
