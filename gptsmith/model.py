@@ -190,7 +190,9 @@ def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
     return x * dropout_mask(x.detach(), p)
 
 
-@torch.library.custom_op("gptsmith::dropout_mask", mutates_args=())
+# The operator's namespace is this module's name, so that a copy of this file imported beside it
+# (model files get copied) registers its own operator instead of failing on a taken name.
+@torch.library.custom_op(f"{__name__.replace('.', '_')}::dropout_mask", mutates_args=())
 def dropout_mask(like: torch.Tensor, p: float) -> torch.Tensor:
     """A dropout mask shaped like `like`: 0 with chance p (taken to 16 bits), else 1 / (1 - p).
 
