@@ -107,6 +107,7 @@ class ModelKeys(KeyGroup):
 
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune")
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # the modes that record CUDA graphs
 
 
 @dataclass
@@ -309,7 +310,7 @@ class TrainConfig(
         """torch.compile's mode for this run. CUDA graphs (reduce-overhead, max-autotune) are recorded only
         in one process without FSDP: DDP's and FSDP's hooks and collectives do not replay inside one (and
         PyTorch has open crashes with them), so there the mode falls back to default."""
-        if self.compile_mode in ("reduce-overhead", "max-autotune") and (distributed or self.sharded):
+        if self.compile_mode in CUDA_GRAPH_MODES and (distributed or self.sharded):
             return "default"
         return self.compile_mode
 
