@@ -269,6 +269,12 @@ class SystemKeys(KeyGroup):
     activation_checkpointing: bool = opt(
         False, "recompute each block's activations in backward: less memory, a third more compute"
     )
+    master_weights: bool = opt(
+        False,
+        "with dtype=bfloat16 in one process: forward and backward run through bfloat16 copies of the weights "
+        "(so the residual stream is bfloat16 too), gradients add up in float32 and the optimizer updates "
+        "float32 master weights, which checkpoints hold (FSDP's mixed precision does this already)",
+    )
 
     def check(self) -> None:
         self.one_of("backend", ("auto", "nccl", "gloo"))
@@ -295,6 +301,9 @@ class TrainConfig(
         check_mode(self.parallel, self.dtype)
         if self.decay_lr and self.min_lr > self.learning_rate:  # a constant rate never reaches min_lr
             raise UserError(f"min_lr ({self.min_lr}) is above learning_rate ({self.learning_rate}); lower min_lr")
+        if self.master_weights and (self.dtype in ("float32", "float16") or self.sharded):
+            why = "parallel='fsdp' keeps bfloat16 copies itself" if self.sharded else f"dtype is {self.dtype}"
+            raise UserError(f"master_weights=True needs dtype=bfloat16 (or auto); {why}")
         if self.optimizer == "muon" and self.sharded:
             raise UserError("optimizer='muon' needs whole weight matrices; use it with parallel='ddp', not 'fsdp'")
         micro_tokens = self.micro_tokens()

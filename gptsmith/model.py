@@ -369,23 +369,41 @@ class GPT(nn.Module):
         self.decode_cuda_graphs = False  # whether decode_one_token runs as a CUDA graph (compile_decode)
         if config.pos_emb == "rope":
             # Not persistent: computed from the config, so checkpoints hold the same keys as without rope.
-            cos, sin = rope_tables(config.block_size, config.n_embd // config.n_head)
-            self.register_buffer("rope_cos", cos, persistent=False)  # (block_size, hs/2)
-            self.register_buffer("rope_sin", sin, persistent=False)
-        self.apply(self._init_weights)
+            hs = config.n_embd // config.n_head
+            self.register_buffer("rope_cos", torch.empty(config.block_size, hs // 2), persistent=False)
+            self.register_buffer("rope_sin", torch.empty(config.block_size, hs // 2), persistent=False)
+        self.init_buffers()
+        self.init_weights()
+
+    def init_buffers(self) -> None:
+        """Compute the rotary tables into their buffers (again after to_empty: see init_weights)."""
+        if self.config.pos_emb == "rope":
+            cos, sin = rope_tables(self.config.block_size, self.config.n_embd // self.config.n_head)
+            with torch.no_grad():
+                self.rope_cos.copy_(cos)  # (block_size, hs/2)
+                self.rope_sin.copy_(sin)
+
+    def init_weights(self, run: Callable[[nn.Module, Callable[[], None]], None] | None = None) -> None:
+        """GPT-2's initialisation, one module at a time. run(module, init) calls init(), which sets the
+        module's own parameters; a model built on the meta device and sharded passes a run that calls
+        it on full-size CPU tensors and keeps each process's shard (gptsmith.parallel.materialize)."""
+        run = run or (lambda module, init: init())
+
+        def init_module(module: nn.Module) -> None:
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, mean=0.0, std=0.02)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+        self.apply(lambda module: run(module, lambda: init_module(module)))
         # GPT-2 scales the projections into the residual stream by 1/sqrt(2 * n_layer),
         # so the stream's variance does not grow with depth.
-        for name, p in self.named_parameters():
-            if name.endswith("c_proj.weight"):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
-
-    def _init_weights(self, module: nn.Module) -> None:
-        if isinstance(module, nn.Linear):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        std = 0.02 / math.sqrt(2 * self.config.n_layer)
+        for name, module in self.named_modules():
+            if name.endswith("c_proj"):
+                run(module, lambda module=module: nn.init.normal_(module.weight, mean=0.0, std=std))
 
     def get_num_params(self, non_embedding: bool = True) -> int:
         """Parameter count; by default without embedding tables that are only looked up: the

@@ -9,6 +9,8 @@ every direction of the update moves by about the same amount. Embeddings, the LM
 
 from __future__ import annotations
 
+import copy
+import functools
 import inspect
 import math
 from collections.abc import Callable
@@ -307,6 +309,38 @@ def build_optimizer(model: nn.Module, settings: dict[str, Any], device_type: str
 # there step_unless reads the flag and the optimizers keep their plain in-place updates.
 # (Tests empty it to run the GPU's path on a CPU.)
 HOST_READABLE = {"cpu"}
+
+
+class MasterWeights:
+    """bfloat16 copies of a float32 model's weights for forward and backward, so that the residual
+    stream and every activation are bfloat16 too, instead of autocast casting the float32 weights
+    again at every micro-step. The model keeps the float32 weights: the optimizer, gradient clipping
+    and checkpoints see only them. Each copy's gradient is added into its master's (in float32, so
+    micro-steps accumulate without bfloat16 rounding) as soon as backward produces it, and sync()
+    refreshes the copies after each optimizer step."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.compute = copy.deepcopy(model)  # the same modules, tied weights still tied
+        with torch.no_grad():
+            for p in self.compute.parameters():  # parameters only: the rotary tables stay float32
+                p.data = p.data.to(torch.bfloat16)
+        self.masters = list(model.parameters())
+        self.copies = list(self.compute.parameters())
+        for master, low in zip(self.masters, self.copies, strict=True):
+            low.register_post_accumulate_grad_hook(functools.partial(_add_grad_to, master))
+
+    @torch.no_grad()
+    def sync(self) -> None:
+        """Round the master weights into the bfloat16 copies (after an optimizer step or a restore)."""
+        torch._foreach_copy_(self.copies, self.masters)
+
+
+def _add_grad_to(master: torch.Tensor, low: torch.Tensor) -> None:
+    if master.grad is None:
+        master.grad = low.grad.float()
+    else:
+        master.grad.add_(low.grad)
+    low.grad = None
 
 
 def step_unless(optimizer: Any, skip: torch.Tensor) -> None:

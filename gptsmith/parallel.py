@@ -76,6 +76,51 @@ def shard(model: GPT, rt: Runtime) -> None:
     fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=False)
 
 
+def materialize(model: GPT, rt: Runtime, seed: int) -> None:
+    """Give a model built on the meta device, then sharded, its weights: each process allocates only
+    its shards and fills them with exactly what GPT(config) draws on the CPU after
+    torch.manual_seed(seed), so an FSDP run starts where a one-process run does (tested), while no
+    process ever holds more than one module's full weights (the largest: the token embedding).
+
+    Every initialiser is re-run on full-size CPU tensors standing in for one module's parameters,
+    in the order and with the draws of the constructor: first each module's own reset_parameters
+    (nn.Linear's uniform draws, which GPT's initialisation then overwrites but which move the random
+    stream), then GPT.init_weights; after each, the process keeps its shard of every tensor."""
+    from torch.distributed.tensor import distribute_tensor
+
+    model.to_empty(device=rt.device)
+    torch.manual_seed(seed)
+
+    def on_full_tensors(module: torch.nn.Module, init: Callable[[], None]) -> None:
+        shards = dict(module.named_parameters(recurse=False))
+        if not shards:
+            return
+        # On the CPU, whose random stream GPT(config) draws from; starting from the current values,
+        # as an initialiser may set only some of a module's parameters.
+        full = {
+            name: torch.nn.Parameter(p.full_tensor().to("cpu", copy=True), requires_grad=False)
+            for name, p in shards.items()
+        }
+        module._parameters.update(full)
+        try:
+            init()
+        finally:
+            module._parameters.update(shards)
+        for name, p in shards.items():
+            # src_data_rank=None: every process holds the same full tensor, so each cuts its own shard.
+            mine = distribute_tensor(full[name].data, p.device_mesh, p.placements, src_data_rank=None)
+            p.to_local().copy_(mine.to_local())
+
+    with torch.no_grad():
+        for module in model.modules():  # the order in which GPT.__init__ constructs them
+            if hasattr(module, "reset_parameters"):
+                on_full_tensors(module, module.reset_parameters)
+            elif any(True for _ in module.parameters(recurse=False)):
+                raise TypeError(f"{type(module).__name__} has parameters but no reset_parameters to initialise them")
+        model.init_weights(run=on_full_tensors)
+    model.init_buffers()
+
+
 def wrap_ddp(model: torch.nn.Module, rt: Runtime, static_graph: bool = True) -> torch.nn.Module:
     """DistributedDataParallel: rank 0's weights are broadcast, gradients averaged in backward.
 

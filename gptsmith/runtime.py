@@ -56,7 +56,9 @@ class Runtime:
     rank: int = 0
     local_rank: int = 0
     world_size: int = 1
-    cast_by_fsdp: bool = False  # FSDP's mixed-precision policy casts the parameters, so no autocast
+    # The weights forward runs through are in dtype already (FSDP's mixed-precision policy, or
+    # master_weights' bfloat16 copies): autocast would only add casts.
+    weights_in_dtype: bool = False
     dtype_reason: str = ""  # why dtype=auto chose dtype, when it took a measurement to choose
     owns_group: bool = False  # setup_runtime made the process group, so teardown ends it
     attention: Any = None  # the sdpa_kernel context setup_runtime entered (see choose_attention); teardown leaves it
@@ -79,8 +81,8 @@ class Runtime:
         return self.rank == 0
 
     def autocast(self) -> Any:
-        """Mixed precision for the forward pass; a no-op in float32 or when FSDP does the casting."""
-        if self.dtype == "float32" or self.cast_by_fsdp:
+        """Mixed precision for the forward pass; a no-op in float32 or when the weights are in dtype already."""
+        if self.dtype == "float32" or self.weights_in_dtype:
             return nullcontext()
         return torch.autocast(device_type=self.device_type, dtype=self.ptdtype)
 

@@ -20,6 +20,7 @@ import signal
 import sys
 import threading
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -138,6 +139,7 @@ class Run:
     peak: Peak
     log: MetricsLog
     health: StepHealth  # each step's loss and health, read by the host one step late
+    weights: optim.MasterWeights | None = None  # master_weights=True: the bfloat16 copies model runs through
     caught: list[int] = field(default_factory=list)  # signals received (SignalCatcher fills it)
 
     @property
@@ -217,6 +219,9 @@ def build_run(cfg: TrainConfig, explicit: set[str], rt: Runtime) -> tuple[Run, T
     if start.state is not None:
         state = restore(start.state, model=model, optimizer=optimizer, scaler=scaler, rt=rt, cfg=cfg)
     raw_model, forward_model = model, model
+    weights = _master_weights(cfg, model, rt)
+    if weights is not None:
+        forward_model = weights.compute
     mode = cfg.compile_mode_for(rt.distributed)
     if cfg.compile and mode != cfg.compile_mode and rt.master:
         print(
@@ -243,10 +248,24 @@ def build_run(cfg: TrainConfig, explicit: set[str], rt: Runtime) -> tuple[Run, T
         peak=peak,
         log=log,
         health=StepHealth(rt.device),
+        weights=weights,
     )
     if rt.master:
         print_banner(cfg, run)
     return run, state
+
+
+def _master_weights(cfg: TrainConfig, model: GPT, rt: Runtime) -> optim.MasterWeights | None:
+    """bfloat16 copies to train through (master_weights=True), once the dtype is known: dtype=auto
+    may have chosen float32 for this model on this machine."""
+    if not cfg.master_weights:
+        return None
+    if rt.dtype != "bfloat16":
+        raise UserError(f"master_weights=True needs bfloat16, but this run trains in {rt.dtype} (dtype={cfg.dtype})")
+    if rt.distributed:
+        raise UserError("master_weights=True runs in one process; under DDP leave it off (parallel=fsdp has its own)")
+    rt.weights_in_dtype = True
+    return optim.MasterWeights(model)
 
 
 def open_data(cfg: TrainConfig, start: init_from.Start) -> TrainData:
@@ -340,8 +359,11 @@ def build_model(cfg: TrainConfig, start: init_from.Start, vocab_size: int, rt: R
     """The model on its device (sharded under FSDP), with a checkpoint's weights when resuming.
 
     Every rank builds the same initial weights (FSDP shards them as they are, DDP would broadcast
-    rank 0's), then reseeds by rank for distinct dropout masks."""
+    rank 0's), then reseeds by rank for distinct dropout masks. Under FSDP a new model is built on
+    the meta device and each rank draws only its shards (parallel.materialize): neither host nor
+    device ever holds the whole model, only its shards plus one module's full weights."""
     torch.manual_seed(cfg.seed)
+    on_meta = cfg.sharded and start.pretrained is None
     if start.pretrained is not None:
         model = start.pretrained
         if cfg.block_size < model.config.block_size:
@@ -350,13 +372,11 @@ def build_model(cfg: TrainConfig, start: init_from.Start, vocab_size: int, rt: R
         config = cfg.gpt_config(vocab_size, cfg.dropout)
         if start.state is not None:  # what no config key sets (GPT-2's tanh GELU) comes from the checkpoint
             config.gelu_approximate = start.state["model_args"].get("gelu_approximate", config.gelu_approximate)
-        model = GPT(config)
-    torch.manual_seed(cfg.seed + rt.rank)
+        with torch.device("meta") if on_meta else nullcontext():
+            model = GPT(config)
     if start.state is not None and not cfg.sharded:
         ckpt_io.load_weights(model, start.state["model"], ckpt_io.checkpoint_path(Path(cfg.out_dir), "ckpt.pt", False))
     if not cfg.sharded:
-        # (Under FSDP, fully_shard moves each block to the device as it shards it, so the device
-        # never holds the whole unsharded model: it needs to fit only once sharded, plus one block.)
         model.to(rt.device)
     if rt.master and not cfg.eval_only:
         n_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -367,7 +387,10 @@ def build_model(cfg: TrainConfig, start: init_from.Start, vocab_size: int, rt: R
         if cfg.compile:
             parallel.compile_blocks(model, mode=cfg.compile_mode_for(rt.distributed))
         parallel.shard(model, rt)
-        rt.cast_by_fsdp = True  # its mixed-precision policy computes in bfloat16; autocast would only add casts
+        if on_meta:
+            parallel.materialize(model, rt, cfg.seed)
+        rt.weights_in_dtype = True  # its mixed-precision policy computes in bfloat16
+    torch.manual_seed(cfg.seed + rt.rank)
     return model
 
 
@@ -497,6 +520,8 @@ def train_step(run: Run, state: TrainState) -> StepReport | None:
     else:
         optim.step_unless(run.optimizer, health[1] > 0)
     run.optimizer.zero_grad(set_to_none=True)
+    if run.weights is not None:
+        run.weights.sync()
     report = run.health.push(state.iter_num, health)
     state.iter_num += 1
     state.tokens_seen += run.tokens_per_step

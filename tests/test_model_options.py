@@ -205,6 +205,11 @@ def test_resume_is_exact_with_muon(tiny_cfg, tmp_path):
     assert len(state["optimizer"]["optimizers"]) == 2
 
 
+def test_resume_is_exact_with_master_weights(tiny_cfg, tmp_path):
+    """The float32 masters are the checkpoint; their bfloat16 copies are rounded from them again on resume."""
+    assert_exact_resume(tiny_cfg, tmp_path, dtype="bfloat16", master_weights=True, dropout=0.1)
+
+
 def test_resume_takes_options_from_the_checkpoint_and_old_checkpoints_mean_defaults(tiny_cfg):
     cfg = tiny_cfg(max_iters=2, eval_interval=2, pos_emb="rope", n_kv_head=1)
     train(cfg)

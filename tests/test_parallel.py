@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from gptsmith import checkpoint as ckpt_io
-from gptsmith import parallel
+from gptsmith import parallel, trainer
 from gptsmith.checkpoint import consolidate, consolidate_main
 from gptsmith.config import ConsolidateConfig, SampleConfig, TrainConfig
 from gptsmith.configurator import UserError
@@ -240,6 +240,57 @@ def test_nonfinite_steps_under_fsdp(tiny_cfg, tmp_path, monkeypatch, capsys):
     after = consolidated(Path(cfg.out_dir), tmp_path / "step10.pt")
     assert after["iter_num"] == 10
     assert all(torch.equal(after["model"][k], good["model"][k]) for k in good["model"])
+
+
+MODEL_OPTIONS = [
+    {},
+    {"pos_emb": "rope", "norm": "rmsnorm", "qk_norm": True, "activation": "swiglu", "tie_weights": False},
+    {"n_kv_head": 1, "activation": "relu2", "bias": False},
+]
+
+
+@pytest.mark.parametrize("options", MODEL_OPTIONS)
+def test_a_model_built_on_the_meta_device_gets_the_weights_of_one_built_whole(options):
+    """parallel.materialize draws each shard's values as GPT(config) draws the whole model: the same
+    random stream, module by module; norms, biases and the rotary tables too."""
+    rt = setup_runtime("cpu", "float32", group=True)
+    try:
+        config = GPTConfig(block_size=16, vocab_size=33, n_layer=2, n_head=2, n_embd=16, **options)
+        torch.manual_seed(5)
+        whole = GPT(config)
+        with torch.device("meta"):
+            model = GPT(config)
+        parallel.shard(model, rt)
+        parallel.materialize(model, rt, seed=5)
+        got = {k: v.full_tensor() for k, v in model.state_dict().items()}
+        assert got.keys() == whole.state_dict().keys()
+        for k, v in whole.state_dict().items():
+            assert torch.equal(got[k], v), k
+        for k, v in whole.named_buffers():
+            assert torch.equal(dict(model.named_buffers())[k], v), k
+    finally:
+        teardown(rt)
+
+
+def test_fsdp_builds_a_new_model_on_the_meta_device_and_trains_as_one_process(tiny_cfg, tmp_path, monkeypatch):
+    """No process holds the whole model under FSDP: it is built on the meta device (its weights
+    drawn shard by shard), and trains with the losses of a plain one-process run."""
+    built = []
+
+    class Spy(GPT):
+        def __init__(self, config: GPTConfig) -> None:
+            super().__init__(config)
+            built.append(self.lm_head.weight.device.type)
+
+    monkeypatch.setattr(trainer, "GPT", Spy)
+    sharded = tiny_cfg(parallel="fsdp", max_iters=3, eval_interval=3, out_dir=str(tmp_path / "fsdp"))
+    train(sharded)
+    assert built == ["meta"]
+    plain = tiny_cfg(max_iters=3, eval_interval=3)
+    train(plain)
+    assert built == ["meta", "cpu"]
+    losses = [step_losses(Path(c.out_dir)) for c in (sharded, plain)]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6) and len(losses[0]) == 3
 
 
 def fake_sharded(folder: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import subprocess
@@ -15,7 +16,7 @@ import pytest
 import torch
 
 from gptsmith import checkpoint as ckpt_io
-from gptsmith import metrics, runtime
+from gptsmith import metrics, optim, runtime
 from gptsmith import trainer as train_module
 from gptsmith.config import SampleConfig, TrainConfig
 from gptsmith.configurator import UserError
@@ -200,6 +201,78 @@ def test_sampling_in_bfloat16_decodes_with_bfloat16_weights(tiny_cfg, monkeypatc
     assert seen == [torch.bfloat16] and len(texts[0]) == len("ROMEO:") + 20
     sample(SampleConfig(dtype="float32", **kw))
     assert seen[1] == torch.float32
+
+
+def test_master_weights_train_through_bfloat16_copies_of_float32_weights(tiny_cfg, monkeypatch):
+    """master_weights=True: forward and backward run through bfloat16 copies, the residual stream
+    bfloat16 too; the optimizer and the checkpoint hold float32 weights, of which the copies are the
+    rounding after every step; the losses follow autocast's closely (not bit for bit)."""
+    made, residual = [], set()
+
+    class Spy(optim.MasterWeights):
+        def __init__(self, model) -> None:
+            super().__init__(model)
+            made.append(self)
+            self.compute.transformer.h[0].register_forward_hook(lambda m, i, out: residual.add(out.dtype))
+
+    monkeypatch.setattr(optim, "MasterWeights", Spy)
+    kw = dict(dtype="bfloat16", max_iters=6, eval_interval=6, gradient_accumulation_steps=2)
+    cfg = tiny_cfg(master_weights=True, **kw)
+    train(cfg)
+    (weights,) = made
+    assert residual == {torch.bfloat16}
+    assert {p.dtype for p in weights.copies} == {torch.bfloat16} and {p.dtype for p in weights.masters} == {
+        torch.float32
+    }
+    saved = ckpt_io.load_checkpoint(Path(cfg.out_dir) / "ckpt.pt")["model"]
+    for name, p in weights.compute.named_parameters():
+        assert saved[name].dtype == torch.float32 and torch.equal(p, saved[name].to(torch.bfloat16)), name
+    autocast = tiny_cfg(out_dir=cfg.out_dir + "-autocast", **kw)
+    train(autocast)
+    losses = [[r["loss"] for r in read_metrics(c.out_dir)[0]] for c in (cfg, autocast)]
+    assert len(losses[0]) == 6 and losses[0] == pytest.approx(losses[1], rel=2e-2)
+
+
+def test_master_weights_add_micro_step_gradients_up_in_float32():
+    """Each bfloat16 gradient goes into its float32 master as backward makes it: two micro-steps'
+    sum is the float32 sum of the two bfloat16 gradients, not a bfloat16 one."""
+    from gptsmith.model import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=8, vocab_size=16, n_layer=1, n_head=2, n_embd=16))
+    weights = optim.MasterWeights(model)
+    reference = copy.deepcopy(model)  # the same bfloat16 copies without the hooks: their gradients as made
+    for p in reference.parameters():
+        p.data = p.data.to(torch.bfloat16)
+    batches = [torch.randint(0, 16, (4, 8)) for _ in range(4)]
+    grads = []
+    for x, y in (batches[:2], batches[2:]):
+        weights.compute(x, y, return_logits=False)[1].backward()
+        reference.zero_grad(set_to_none=True)
+        reference(x, y, return_logits=False)[1].backward()
+        grads.append([p.grad for p in reference.parameters()])
+    assert all(p.grad is None for p in weights.copies)
+    for master, g1, g2 in zip(weights.masters, *grads, strict=True):
+        assert master.grad.dtype == torch.float32 and torch.equal(master.grad, g1.float() + g2.float())
+    assert any(not torch.equal(m.grad, (g1 + g2).float()) for m, g1, g2 in zip(weights.masters, *grads))
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"master_weights": True, "dtype": "float32"}, "needs dtype=bfloat16"),
+        ({"master_weights": True, "dtype": "bfloat16", "parallel": "fsdp"}, "keeps bfloat16 copies itself"),
+    ],
+)
+def test_master_weights_need_bfloat16_and_no_fsdp(tiny_cfg, overrides, message):
+    with pytest.raises(UserError, match=message):
+        tiny_cfg(**overrides)
+
+
+def test_master_weights_refuse_a_float32_run_chosen_by_auto(tiny_cfg, monkeypatch):
+    monkeypatch.setattr(train_module, "choose_training_dtype", lambda rt, *a: setattr(rt, "dtype", "float32"))
+    with pytest.raises(UserError, match="trains in float32"):
+        train(tiny_cfg(master_weights=True, dtype="auto"))
 
 
 def test_batched_samples_match_one_at_a_time(tiny_cfg):
