@@ -93,3 +93,19 @@ def tiny_cfg(char_data: Path, tmp_path: Path):
         return dataclasses.replace(base, **overrides)
 
     return make
+
+
+@pytest.fixture
+def wandb_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An offline wandb writing into its own folder, returned. wandb keeps one settings object per
+    process from its first run on (the folder among them), so it is reset before and after: a test
+    run after another that used wandb then still finds its run where it looks."""
+    import wandb
+
+    folder = tmp_path / "wandb-home"
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(folder))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    wandb.teardown()
+    yield folder
+    wandb.teardown()

@@ -47,12 +47,9 @@ def test_eval_sample_is_printed(tiny_cfg, capsys):
     assert len(text) == 30
 
 
-def test_offline_wandb_run_holds_the_logged_metrics(tiny_cfg, tmp_path, monkeypatch):
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
-    monkeypatch.setenv("WANDB_SILENT", "true")
+def test_offline_wandb_run_holds_the_logged_metrics(tiny_cfg, wandb_dir):
     train(tiny_cfg(max_iters=4, eval_interval=2, wandb_log=True, wandb_run_name="tiny", eval_sample_tokens=10))
-    runs = list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
+    runs = list((wandb_dir / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(runs) == 1
     keys = (b"train_loss", b"val_loss", b"tokens_per_sec", b"mfu", b"tokens_seen", b"sample", b"tiny")
     deadline = time.time() + 60  # wandb's service process may still be flushing on a loaded machine

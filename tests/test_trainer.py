@@ -436,7 +436,7 @@ def test_resume_is_exact_when_the_peak_is_measured_at_each_start(tiny_cfg, tmp_p
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_what_only_watches_training_does_not_change_it(tiny_cfg, tmp_path, monkeypatch):
+def test_what_only_watches_training_does_not_change_it(tiny_cfg, tmp_path, monkeypatch, wandb_dir):
     """Measuring the peak, eval samples, loss.png and wandb leave every random stream alone."""
     kw = dict(dropout=0.1, max_iters=12, lr_decay_iters=12, eval_interval=4)
     plain = tiny_cfg(out_dir=str(tmp_path / "plain"), peak_flops=1e11, **kw)
@@ -450,7 +450,6 @@ def test_what_only_watches_training_does_not_change_it(tiny_cfg, tmp_path, monke
         wandb_run_name="watched",
         **kw,
     )
-    monkeypatch.chdir(tmp_path)  # wandb's offline folder
     train(watched)
     a, b = final_params(plain.out_dir), final_params(watched.out_dir)
     assert all(torch.equal(a[k], b[k]) for k in a)
