@@ -11,6 +11,7 @@ recomputes the rest during backward.
 from __future__ import annotations
 
 import functools
+import types
 from collections.abc import Callable
 from contextlib import nullcontext
 from typing import Any
@@ -41,19 +42,18 @@ def checkpoint_activations(model: GPT) -> None:
     stay exactly as without checkpointing.
     """
     for block in model.transformer.h:
-        block.forward = _recomputed(block.forward)
+        # A method bound to the block, so that a copy of the model (copy.deepcopy: master_weights'
+        # bfloat16 copies) recomputes its own blocks, not the original's.
+        block.forward = types.MethodType(_recomputed_forward, block)
 
 
-def _recomputed(forward: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
-    @functools.wraps(forward)
-    def run(*args: Any, **kwargs: Any) -> torch.Tensor:
-        if not torch.is_grad_enabled():  # evaluation and sampling have no backward to save memory for
-            return forward(*args, **kwargs)
-        # Non-reentrant checkpointing works with FSDP's hooks and torch.compile, and it restores the
-        # RNG state for the recomputation, so dropout draws the same masks twice.
-        return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
-
-    return run
+def _recomputed_forward(block: torch.nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:
+    forward = functools.partial(type(block).forward, block)
+    if not torch.is_grad_enabled():  # evaluation and sampling have no backward to save memory for
+        return forward(*args, **kwargs)
+    # Non-reentrant checkpointing works with FSDP's hooks and torch.compile, and it restores the
+    # RNG state for the recomputation, so dropout draws the same masks twice.
+    return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
 
 
 def shard(model: GPT, rt: Runtime) -> None:

@@ -233,6 +233,17 @@ def test_master_weights_train_through_bfloat16_copies_of_float32_weights(tiny_cf
     assert len(losses[0]) == 6 and losses[0] == pytest.approx(losses[1], rel=2e-2)
 
 
+def test_master_weights_with_activation_checkpointing_recompute_the_bfloat16_blocks(tiny_cfg, tmp_path):
+    """The bfloat16 copies are a deep copy of the model: their checkpointed blocks must recompute
+    themselves (the same losses as without checkpointing), not the float32 blocks they came from."""
+    kw = dict(dtype="bfloat16", master_weights=True, max_iters=4, eval_interval=4, dropout=0.1)
+    runs = [tiny_cfg(out_dir=str(tmp_path / str(ac)), activation_checkpointing=ac, **kw) for ac in (False, True)]
+    for cfg in runs:
+        train(cfg)
+    losses = [[r["loss"] for r in read_metrics(c.out_dir)[0]] for c in runs]
+    assert len(losses[0]) == 4 and losses[0] == losses[1]
+
+
 def test_master_weights_add_micro_step_gradients_up_in_float32():
     """Each bfloat16 gradient goes into its float32 master as backward makes it: two micro-steps'
     sum is the float32 sum of the two bfloat16 gradients, not a bfloat16 one."""
