@@ -3,7 +3,8 @@
 DDP keeps a full copy of the weights, gradients and optimizer state on every process and
 averages gradients after backward. FSDP2 (fully_shard) splits all three over the processes
 and gathers each block's weights just in time for its forward and backward, so a model
-whose training state (16 bytes per parameter with AdamW) does not fit one GPU still trains.
+whose training state (16 bytes per parameter with AdamW) does not fit one GPU still trains;
+a new model is built on the meta device and each process draws only its shards (materialize).
 Activation checkpointing trades compute for memory: each block keeps only its input and
 recomputes the rest during backward.
 """
