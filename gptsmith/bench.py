@@ -31,6 +31,7 @@ def _emit(cfg: BenchConfig, rt: Runtime, model: GPT, figures: dict[str, float | 
         "device": str(rt.device),
         "dtype": str(rt.dtype).removeprefix("torch."),
         "compile": cfg.compile,
+        "master_weights": cfg.master_weights,
         "params": model.get_num_params(),
         **figures,
     }
@@ -47,8 +48,10 @@ def bench_train(cfg: BenchConfig, rt: Runtime, model: GPT) -> dict[str, float]:
     clipping, the update skipped on the device if non-finite, and no wait for the device between
     steps. Steps are timed in groups of five with a wait at each end; the median group counts."""
     optimizer = model.configure_optimizers(0.1, 1e-4, (0.9, 0.95), rt.device_type)
-    # reduce-overhead: a small model's compiled step waits on the host launching its kernels one by one.
-    step_model = torch.compile(model, mode=cfg.compile_mode, fullgraph=True, dynamic=False) if cfg.compile else model
+    weights = optim.master_weights(model, rt) if cfg.master_weights else None
+    step_model = weights.compute if weights is not None else model
+    if cfg.compile:  # reduce-overhead: a small model's compiled step waits on the host launching its kernels
+        step_model = torch.compile(step_model, mode=cfg.compile_mode, fullgraph=True, dynamic=False)
     x = torch.randint(cfg.vocab_size, (cfg.batch_size, cfg.block_size + 1), device=rt.device)
 
     def step() -> None:
@@ -58,6 +61,8 @@ def bench_train(cfg: BenchConfig, rt: Runtime, model: GPT) -> dict[str, float]:
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optim.step_unless(optimizer, ~(loss.isfinite() & norm.isfinite()))
         optimizer.zero_grad(set_to_none=True)
+        if weights is not None:
+            weights.sync()
 
     for _ in range(cfg.warmup):
         step()

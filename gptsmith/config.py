@@ -124,6 +124,20 @@ class CompileModeKeys(KeyGroup):
 
 
 @dataclass
+class MasterWeightsKeys(KeyGroup):
+    master_weights: bool = opt(
+        False,
+        "with dtype=bfloat16 in one process: forward and backward run through bfloat16 copies of the weights "
+        "(so the residual stream is bfloat16 too), gradients add up in float32 and the optimizer updates "
+        "float32 master weights, which checkpoints hold (FSDP's mixed precision does this already)",
+    )
+
+    def check(self) -> None:
+        if self.master_weights and self.dtype in ("float32", "float16"):
+            raise UserError(f"master_weights=True needs dtype=bfloat16 (or auto); dtype is {self.dtype}")
+
+
+@dataclass
 class PeakKeys(KeyGroup):
     peak_flops: float = opt(
         0.0, "device peak FLOP/s for MFU; 0 = a known GPU's datasheet, else a matmul measured once per machine"
@@ -269,12 +283,6 @@ class SystemKeys(KeyGroup):
     activation_checkpointing: bool = opt(
         False, "recompute each block's activations in backward: less memory, a third more compute"
     )
-    master_weights: bool = opt(
-        False,
-        "with dtype=bfloat16 in one process: forward and backward run through bfloat16 copies of the weights "
-        "(so the residual stream is bfloat16 too), gradients add up in float32 and the optimizer updates "
-        "float32 master weights, which checkpoints hold (FSDP's mixed precision does this already)",
-    )
 
     def check(self) -> None:
         self.one_of("backend", ("auto", "nccl", "gloo"))
@@ -283,6 +291,7 @@ class SystemKeys(KeyGroup):
 # Bases in reverse order: a dataclass lists the fields of its last base first.
 @dataclass
 class TrainConfig(
+    MasterWeightsKeys,
     CompileModeKeys,
     PeakKeys,
     RuntimeKeys,
@@ -301,9 +310,8 @@ class TrainConfig(
         check_mode(self.parallel, self.dtype)
         if self.decay_lr and self.min_lr > self.learning_rate:  # a constant rate never reaches min_lr
             raise UserError(f"min_lr ({self.min_lr}) is above learning_rate ({self.learning_rate}); lower min_lr")
-        if self.master_weights and (self.dtype in ("float32", "float16") or self.sharded):
-            why = "parallel='fsdp' keeps bfloat16 copies itself" if self.sharded else f"dtype is {self.dtype}"
-            raise UserError(f"master_weights=True needs dtype=bfloat16 (or auto); {why}")
+        if self.master_weights and self.sharded:
+            raise UserError("master_weights=True is not for parallel='fsdp', which keeps bfloat16 copies itself")
         if self.optimizer == "muon" and self.sharded:
             raise UserError("optimizer='muon' needs whole weight matrices; use it with parallel='ddp', not 'fsdp'")
         micro_tokens = self.micro_tokens()
@@ -404,7 +412,7 @@ class SampleConfig(RuntimeKeys, CheckpointKeys):
 
 
 @dataclass
-class BenchConfig(CompileModeKeys, PeakKeys, RuntimeKeys, ModelKeys):
+class BenchConfig(MasterWeightsKeys, CompileModeKeys, PeakKeys, RuntimeKeys, ModelKeys):
     """Benchmark configuration: random weights and tokens of the model the keys describe."""
 
     what: str = opt(

@@ -19,6 +19,9 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from gptsmith.configurator import UserError
+from gptsmith.runtime import Runtime
+
 # Coefficients of the quintic iteration x -> a x + b x^3 + c x^5 (applied to singular values),
 # chosen to pull every value in (0, 1] quickly towards 1 rather than to converge exactly:
 # after 5 steps singular values lie roughly in [0.7, 1.2], which is all the update needs.
@@ -333,6 +336,17 @@ class MasterWeights:
     def sync(self) -> None:
         """Round the master weights into the bfloat16 copies (after an optimizer step or a restore)."""
         torch._foreach_copy_(self.copies, self.masters)
+
+
+def master_weights(model: nn.Module, rt: Runtime) -> MasterWeights:
+    """The bfloat16 copies a run trains through (master_weights=True), once dtype=auto has chosen:
+    it may have chosen float32 for this model on this machine."""
+    if rt.dtype != "bfloat16":
+        raise UserError(f"master_weights=True needs bfloat16, but this run computes in {rt.dtype}")
+    if rt.distributed:
+        raise UserError("master_weights=True runs in one process; under DDP leave it off (parallel=fsdp has its own)")
+    rt.weights_in_dtype = True  # no autocast: the copies are bfloat16 already
+    return MasterWeights(model)
 
 
 def _add_grad_to(master: torch.Tensor, low: torch.Tensor) -> None:

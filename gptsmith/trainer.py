@@ -219,7 +219,7 @@ def build_run(cfg: TrainConfig, explicit: set[str], rt: Runtime) -> tuple[Run, T
     if start.state is not None:
         state = restore(start.state, model=model, optimizer=optimizer, scaler=scaler, rt=rt, cfg=cfg)
     raw_model, forward_model = model, model
-    weights = _master_weights(cfg, model, rt)
+    weights = optim.master_weights(model, rt) if cfg.master_weights else None
     if weights is not None:
         forward_model = weights.compute
     mode = cfg.compile_mode_for(rt.distributed)
@@ -253,19 +253,6 @@ def build_run(cfg: TrainConfig, explicit: set[str], rt: Runtime) -> tuple[Run, T
     if rt.master:
         print_banner(cfg, run)
     return run, state
-
-
-def _master_weights(cfg: TrainConfig, model: GPT, rt: Runtime) -> optim.MasterWeights | None:
-    """bfloat16 copies to train through (master_weights=True), once the dtype is known: dtype=auto
-    may have chosen float32 for this model on this machine."""
-    if not cfg.master_weights:
-        return None
-    if rt.dtype != "bfloat16":
-        raise UserError(f"master_weights=True needs bfloat16, but this run trains in {rt.dtype} (dtype={cfg.dtype})")
-    if rt.distributed:
-        raise UserError("master_weights=True runs in one process; under DDP leave it off (parallel=fsdp has its own)")
-    rt.weights_in_dtype = True
-    return optim.MasterWeights(model)
 
 
 def open_data(cfg: TrainConfig, start: init_from.Start) -> TrainData:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from gptsmith.bench import bench
 from gptsmith.config import BenchConfig
@@ -91,3 +92,27 @@ def test_bench_train_passes_its_compile_mode_to_torch_compile(monkeypatch):
     assert modes == ["default", "reduce-overhead"]
     with pytest.raises(UserError, match="compile_mode"):
         BenchConfig(what="train", compile_mode="max-autotune-everything")
+
+
+def test_bench_train_with_master_weights_steps_float32_masters_through_bfloat16_copies(capsys, monkeypatch):
+    from gptsmith import optim
+
+    made, real, residual = [], optim.MasterWeights, set()
+
+    def spy(model: GPT) -> optim.MasterWeights:
+        made.append((real(model), [p.detach().clone() for p in model.parameters()]))
+        made[-1][0].compute.transformer.h[0].register_forward_hook(lambda m, i, out: residual.add(out.dtype))
+        return made[-1][0]
+
+    monkeypatch.setattr(optim, "MasterWeights", spy)
+    bench(BenchConfig(what="train", batch_size=4, steps=3, warmup=1, dtype="bfloat16", master_weights=True, **TINY))
+    ((weights, initial),) = made
+    assert residual == {torch.bfloat16}  # every step ran through the bfloat16 copies
+    assert not any(torch.equal(m, p) for m, p in zip(weights.masters, initial) if m.dim() == 2)  # they were stepped
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["master_weights"] is True
+    assert {p.dtype for p in weights.masters} == {torch.float32} and {p.dtype for p in weights.copies} == {
+        torch.bfloat16
+    }
+    assert all(torch.equal(low, m.to(torch.bfloat16)) for low, m in zip(weights.copies, weights.masters))
+    with pytest.raises(UserError, match="master_weights=True needs dtype=bfloat16"):
+        BenchConfig(what="train", dtype="float32", master_weights=True)

@@ -282,7 +282,7 @@ def test_master_weights_need_bfloat16_and_no_fsdp(tiny_cfg, overrides, message):
 
 def test_master_weights_refuse_a_float32_run_chosen_by_auto(tiny_cfg, monkeypatch):
     monkeypatch.setattr(train_module, "choose_training_dtype", lambda rt, *a: setattr(rt, "dtype", "float32"))
-    with pytest.raises(UserError, match="trains in float32"):
+    with pytest.raises(UserError, match="computes in float32"):
         train(tiny_cfg(master_weights=True, dtype="auto"))
 
 
