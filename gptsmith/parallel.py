@@ -87,8 +87,6 @@ def materialize(model: GPT, rt: Runtime, seed: int) -> None:
     in the order and with the draws of the constructor: first each module's own reset_parameters
     (nn.Linear's uniform draws, which GPT's initialisation then overwrites but which move the random
     stream), then GPT.init_weights; after each, the process keeps its shard of every tensor."""
-    from torch.distributed.tensor import distribute_tensor
-
     model.to_empty(device=rt.device)
     torch.manual_seed(seed)
 
@@ -108,9 +106,11 @@ def materialize(model: GPT, rt: Runtime, seed: int) -> None:
         finally:
             module._parameters.update(shards)
         for name, p in shards.items():
-            # src_data_rank=None: every process holds the same full tensor, so each cuts its own shard.
-            mine = distribute_tensor(full[name].data, p.device_mesh, p.placements, src_data_rank=None)
-            p.to_local().copy_(mine.to_local())
+            # Every process holds the same full tensor and cuts its own rows: fully_shard splits dim 0
+            # as torch.chunk does, ceil(rows / world) each, the last ones shorter or empty.
+            local, rows = p.to_local(), full[name].size(0)
+            start = min(p.device_mesh.get_local_rank() * -(-rows // p.device_mesh.size()), rows)
+            local.copy_(full[name].data[start : start + local.size(0)])
 
     with torch.no_grad():
         for module in model.modules():  # the order in which GPT.__init__ constructs them
