@@ -390,14 +390,12 @@ class GPT(nn.Module):
         run = run or (lambda module, init: init())
 
         def init_module(module: nn.Module) -> None:
-            if isinstance(module, nn.Linear):
-                nn.init.normal_(module.weight, mean=0.0, std=0.02)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.Embedding):
-                nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
 
-        self.apply(lambda module: run(module, lambda: init_module(module)))
+        # In apply's order (each module after its children); only linear layers and embeddings are set here.
+        self.apply(lambda m: run(m, lambda: init_module(m)) if isinstance(m, (nn.Linear, nn.Embedding)) else None)
         # GPT-2 scales the projections into the residual stream by 1/sqrt(2 * n_layer),
         # so the stream's variance does not grow with depth.
         std = 0.02 / math.sqrt(2 * self.config.n_layer)
