@@ -12,6 +12,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import difflib
+import faulthandler
 import os
 import sys
 import traceback
@@ -41,7 +42,12 @@ def show_progress() -> bool:
 
 @contextmanager
 def cli_errors() -> Iterator[None]:
-    """Turn UserError (and Ctrl-C outside training) into one line on stderr and an exit code."""
+    """Turn UserError (and Ctrl-C outside training) into one line on stderr and an exit code.
+
+    A process killed by a fatal signal (a native crash, an abort) prints where each thread was
+    first: under torchrun that names the rank's failing line, not just its exit code."""
+    if not faulthandler.is_enabled():  # (pytest enables its own)
+        faulthandler.enable(all_threads=True)
     try:
         yield
     except UserError as e:

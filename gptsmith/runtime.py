@@ -226,6 +226,13 @@ def _restart_safe_rendezvous(rank: int, world_size: int) -> dict[str, Any]:
 
 def _init_group(backend: str, device: str, **kwargs: Any) -> None:
     """init_process_group; by default from torchrun's environment variables (env://)."""
+    # torch.distributed.nn binds group.WORLD into default arguments when it is first imported. DDP
+    # and FSDP import it (through torch._dynamo) after the group exists, and then those defaults
+    # keep the group alive past destroy_process_group: its gloo threads run on while the
+    # interpreter shuts down, where a C++ thread that touches Python aborts the process. Imported
+    # first, the defaults hold None and teardown really ends the group.
+    import torch.distributed.nn  # noqa: F401
+
     device_id = None
     if device.startswith("cuda"):  # with an index: init_process_group refuses "cuda" alone (one process, no torchrun)
         device_id = torch.device(device) if ":" in device else torch.device("cuda", torch.cuda.current_device())
