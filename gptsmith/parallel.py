@@ -12,6 +12,7 @@ recomputes the rest during backward.
 from __future__ import annotations
 
 import functools
+import math
 import types
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -86,18 +87,19 @@ def materialize(model: GPT, rt: Runtime, seed: int) -> None:
     Every initialiser is re-run on full-size CPU tensors standing in for one module's parameters,
     in the order and with the draws of the constructor: first each module's own reset_parameters
     (nn.Linear's uniform draws, which GPT's initialisation then overwrites but which move the random
-    stream), then GPT.init_weights; after each, the process keeps its shard of every tensor."""
+    stream), then GPT.init_weights; after each, the process keeps its shard of every tensor it set.
+    The stand-ins start as NaN rather than as the gathered current values: nothing is communicated,
+    and a parameter an initialiser left alone (all NaN) keeps its shard as it was."""
     model.to_empty(device=rt.device)
     torch.manual_seed(seed)
 
-    def on_full_tensors(module: torch.nn.Module, init: Callable[[], None]) -> None:
+    def on_full_tensors(module: torch.nn.Module, init: Callable[[], None], every: bool = False) -> None:
         shards = dict(module.named_parameters(recurse=False))
         if not shards:
             return
-        # On the CPU, whose random stream GPT(config) draws from; starting from the current values,
-        # as an initialiser may set only some of a module's parameters.
+        # On the CPU, whose random stream GPT(config) draws from.
         full = {
-            name: torch.nn.Parameter(p.full_tensor().to("cpu", copy=True), requires_grad=False)
+            name: torch.nn.Parameter(torch.full(p.shape, math.nan, dtype=p.dtype), requires_grad=False)
             for name, p in shards.items()
         }
         module._parameters.update(full)
@@ -106,16 +108,23 @@ def materialize(model: GPT, rt: Runtime, seed: int) -> None:
         finally:
             module._parameters.update(shards)
         for name, p in shards.items():
+            value = full[name].data
+            unset = value.isnan()
+            if unset.all() and not every:
+                continue
+            if unset.any():
+                what = "part of" if not unset.all() else "nothing of"
+                raise RuntimeError(f"{type(module).__name__}'s initialiser set {what} its parameter {name!r}")
             # Every process holds the same full tensor and cuts its own rows: fully_shard splits dim 0
             # as torch.chunk does, ceil(rows / world) each, the last ones shorter or empty.
-            local, rows = p.to_local(), full[name].size(0)
+            local, rows = p.to_local(), value.size(0)
             start = min(p.device_mesh.get_local_rank() * -(-rows // p.device_mesh.size()), rows)
-            local.copy_(full[name].data[start : start + local.size(0)])
+            local.copy_(value[start : start + local.size(0)])
 
     with torch.no_grad():
         for module in model.modules():  # the order in which GPT.__init__ constructs them
-            if hasattr(module, "reset_parameters"):
-                on_full_tensors(module, module.reset_parameters)
+            if hasattr(module, "reset_parameters"):  # must set all (the shards hold to_empty's garbage)
+                on_full_tensors(module, module.reset_parameters, every=True)
             elif any(True for _ in module.parameters(recurse=False)):
                 raise TypeError(f"{type(module).__name__} has parameters but no reset_parameters to initialise them")
         model.init_weights(run=on_full_tensors)

@@ -272,6 +272,24 @@ def test_a_model_built_on_the_meta_device_gets_the_weights_of_one_built_whole(op
         teardown(rt)
 
 
+@pytest.mark.parametrize("fault", ["sets nothing", "sets part"])
+def test_materialize_refuses_an_initialiser_that_leaves_a_shard_unset(fault):
+    """A reset_parameters that sets none or only part of a parameter would leave to_empty's garbage
+    in the shards (nothing is gathered to start from): materialize names the module instead."""
+    rt = setup_runtime("cpu", "float32", group=True)
+    try:
+        config = GPTConfig(block_size=16, vocab_size=33, n_layer=1, n_head=2, n_embd=16)
+        with torch.device("meta"):
+            model = GPT(config)
+        parallel.shard(model, rt)
+        ln = model.transformer.ln_f
+        ln.reset_parameters = (lambda: None) if fault == "sets nothing" else (lambda: ln.weight[:3].fill_(1.0))
+        with pytest.raises(RuntimeError, match="set (nothing|part) of its parameter 'weight'"):
+            parallel.materialize(model, rt, seed=5)
+    finally:
+        teardown(rt)
+
+
 def test_fsdp_builds_a_new_model_on_the_meta_device_and_trains_as_one_process(tiny_cfg, tmp_path, monkeypatch):
     """No process holds the whole model under FSDP: it is built on the meta device (its weights
     drawn shard by shard), and trains with the losses of a plain one-process run."""
