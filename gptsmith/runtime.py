@@ -145,7 +145,7 @@ def setup_runtime(
         dev = resolve_device(device)
         rt = Runtime(device=dev, dtype=resolve_dtype(dtype, dev))
         if group and not torch.distributed.is_initialized():
-            _init_group(_backend(backend, dev), dev, store=torch.distributed.HashStore(), rank=0, world_size=1)
+            init_group(_backend(backend, dev), dev, store=torch.distributed.HashStore(), rank=0, world_size=1)
             rt.owns_group = True
     else:
         local_rank = int(os.environ["LOCAL_RANK"])
@@ -156,7 +156,7 @@ def setup_runtime(
             torch.cuda.set_device(dev)
         owns_group = not torch.distributed.is_initialized()  # a caller's own group stays theirs
         if owns_group:
-            _init_group(_backend(backend, dev), dev, **_restart_safe_rendezvous(rank, world_size))
+            init_group(_backend(backend, dev), dev, **_restart_safe_rendezvous(rank, world_size))
         rt = Runtime(dev, resolve_dtype(dtype, dev), rank, local_rank, world_size, owns_group=owns_group)
     if rt.device_type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 tensor cores for float32 matmuls
@@ -224,8 +224,9 @@ def _restart_safe_rendezvous(rank: int, world_size: int) -> dict[str, Any]:
     }
 
 
-def _init_group(backend: str, device: str, **kwargs: Any) -> None:
-    """init_process_group; by default from torchrun's environment variables (env://)."""
+def init_group(backend: str, device: str, **kwargs: Any) -> None:
+    """init_process_group (every process group gptsmith makes); by default from torchrun's environment
+    variables (env://). A caller making its own group for gptsmith to use should make it here too."""
     # torch.distributed.nn binds group.WORLD into default arguments when it is first imported. DDP
     # and FSDP import it (through torch._dynamo) after the group exists, and then those defaults
     # keep the group alive past destroy_process_group: its gloo threads run on while the

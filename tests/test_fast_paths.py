@@ -387,7 +387,7 @@ def _muon_steps(steps: int = 3) -> list[torch.Tensor]:
 
 
 def _muon_rank(rank: int, world: int, init: str, out: str) -> None:
-    torch.distributed.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    runtime.init_group("gloo", "cpu", init_method=init, rank=rank, world_size=world)
     calls = [0]
     real = optim.newton_schulz
 

@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from gptsmith import checkpoint as ckpt_io
-from gptsmith import parallel, trainer
+from gptsmith import parallel, runtime, trainer
 from gptsmith.checkpoint import consolidate, consolidate_main
 from gptsmith.config import ConsolidateConfig, SampleConfig, TrainConfig
 from gptsmith.configurator import UserError
@@ -473,8 +473,9 @@ def test_a_killed_worker_is_restarted_and_the_run_ends_as_if_never_killed(char_d
 
 
 def _train_each(spec: str) -> None:
-    """Train each [config, explicit keys] of the JSON file spec in turn, in one process group."""
-    torch.distributed.init_process_group("gloo")
+    """Train each [config, explicit keys] of the JSON file spec in turn, in one process group
+    (made by runtime.init_group, so that destroying it really ends it: see there)."""
+    runtime.init_group("gloo", "cpu")
     try:
         for config, explicit in json.loads(Path(spec).read_text()):
             train(TrainConfig(**config), set(explicit))
@@ -485,12 +486,10 @@ def _train_each(spec: str) -> None:
 @pytest.mark.parametrize("device,expected", [("cuda", "cuda:0"), ("cuda:1", "cuda:1"), ("cpu", None)])
 def test_the_process_group_gets_an_indexed_device(monkeypatch, device, expected):
     """init_process_group refuses device_id=cuda without an index (FSDP in one process, no torchrun)."""
-    from gptsmith import runtime
-
     seen = {}
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.distributed, "init_process_group", lambda **kw: seen.update(kw))
-    runtime._init_group("nccl", device)
+    runtime.init_group("nccl", device)
     assert seen["device_id"] == (torch.device(expected) if expected else None)
 
 
