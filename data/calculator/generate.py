@@ -9,7 +9,7 @@ the prompt, both operands zero-padded to three digits, then the trace, '>', the 
 
     123+456=9750>579.
     123-456=766-333+>-333.
-    123*456=813170511160294010888608806500>56088.
+    123*456=81317051116021904088860880650>56088.
     017/005=000000000000000+5999-000 ... (three long-division steps, below) ... >3 r 2.
 
 Every number inside a trace is written least significant digit first, the order in which
