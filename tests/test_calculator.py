@@ -107,6 +107,16 @@ def test_every_trace_works_out_the_answer(op, width):
                 check_trace(c, a, op, b, c.text(a, op, b, [off if 0 <= d + off <= 9 else 0 for d in q]))
 
 
+def test_the_documented_examples_are_what_the_generator_writes():
+    """generate.py's docstring and README's table show whole examples: each is the generator's."""
+    docs = gen.__doc__ + (ROOT / "README.md").read_text()
+    shown = {m.replace(" ", "") for m in re.findall(r"\b(\d{3}[-+*/]\d{3}=[0-9+\- ]+>-?\d+(?: r \d+)?\.)", docs)}
+    assert len(shown) >= 4  # + - * from each, at least
+    for example in shown:
+        a, op, b = int(example[:3]), example[3], int(example[4:7])
+        assert example == gen.CALCULATOR.text(a, op, b).replace(" ", ""), example
+
+
 @pytest.mark.parametrize(
     "overlay, dataset, width",
     [(None, "calculator", 3), ("calculator4", "calculator4", 4), ("calculator_beyond", "calculator_beyond", 4)],
