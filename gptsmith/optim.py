@@ -323,10 +323,11 @@ class MasterWeights:
     refreshes the copies after each optimizer step."""
 
     def __init__(self, model: nn.Module) -> None:
-        self.compute = copy.deepcopy(model)  # the same modules, tied weights still tied
-        with torch.no_grad():
-            for p in self.compute.parameters():  # parameters only: the rotary tables stay float32
-                p.data = p.data.to(torch.bfloat16)
+        # The same modules, tied weights still tied, each parameter copied straight into bfloat16
+        # (deepcopy takes the copies from its memo), never a second float32 model first.
+        # Parameters only: the rotary tables stay float32.
+        low = {id(p): nn.Parameter(p.detach().to(torch.bfloat16), p.requires_grad) for p in model.parameters()}
+        self.compute = copy.deepcopy(model, low)
         self.masters = list(model.parameters())
         self.copies = list(self.compute.parameters())
         for master, low in zip(self.masters, self.copies, strict=True):
