@@ -221,6 +221,7 @@ def test_master_weights_train_through_bfloat16_copies_of_float32_weights(tiny_cf
     train(cfg)
     (weights,) = made
     assert residual == {torch.bfloat16}
+    assert weights.compute.lm_head.weight is weights.compute.transformer.wte.weight  # still tied
     assert {p.dtype for p in weights.copies} == {torch.bfloat16} and {p.dtype for p in weights.masters} == {
         torch.float32
     }
