@@ -44,17 +44,24 @@ def load_gpt2(name_or_path: str, override_args: dict[str, Any] | None = None) ->
         raise ValueError(f"only dropout may be overridden, got {sorted(override_args)}")
     config, hf_config = _read_hf_config(name_or_path)
     config.dropout = override_args.get("dropout", 0.0)
-    model = GPT(config)
+    with torch.device("meta"):  # shapes only: drawing random weights to overwrite them costs time and a copy
+        model = GPT(config)
     sd, sd_hf = model.state_dict(), _read_hf_weights(name_or_path, hf_config)
     if sd.keys() != sd_hf.keys():
         unmatched = ", ".join(sorted(sd.keys() ^ sd_hf.keys())[:3])
         raise ValueError(f"the weights of {name_or_path} do not map onto GPT's: {unmatched}")
-    with torch.no_grad():
-        for key, param in sd.items():
-            src = sd_hf[key].t() if key.endswith(HF_CONV1D) else sd_hf[key]
-            if src.shape != param.shape:
-                raise ValueError(f"{name_or_path}: {key} is {tuple(src.shape)}, expected {tuple(param.shape)}")
-            param.copy_(src)
+    weights = {}
+    for key, param in sd.items():
+        # transformers' Conv1D stores (in, out): transposed into nn.Linear's (out, in), the one copy
+        # made; the other tensors are taken over as they are (the Hugging Face model is dropped).
+        src = sd_hf[key].t().contiguous() if key.endswith(HF_CONV1D) else sd_hf[key]
+        if src.shape != param.shape:
+            raise ValueError(f"{name_or_path}: {key} is {tuple(src.shape)}, expected {tuple(param.shape)}")
+        weights[key] = src
+    model.load_state_dict(weights, assign=True)
+    if config.tie_weights:  # assign made two parameters of the one matrix: one again, as GPT.__init__ ties it
+        model.lm_head.weight = model.transformer.wte.weight
+    model.init_buffers()
     return model
 
 

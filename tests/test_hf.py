@@ -105,6 +105,8 @@ def test_from_pretrained_matches_transformers(hf_dir):
     cfg = model.config
     assert (cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.block_size, cfg.vocab_size) == (2, 2, 32, 64, 50257)
     assert cfg.bias and cfg.gelu_approximate == "tanh" and cfg.dropout == 0.0
+    assert model.lm_head.weight is model.transformer.wte.weight  # tied: one parameter, as GPT(config) has
+    assert all(p.device.type == "cpu" and p.is_contiguous() and p.requires_grad for p in model.parameters())
     idx = torch.randint(0, 50257, (2, 20), generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(our_logits(model, idx), hf_logits(hf_dir, idx), rtol=0, atol=1e-4)
 
