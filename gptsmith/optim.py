@@ -326,8 +326,8 @@ class MasterWeights:
         # The same modules, tied weights still tied, each parameter copied straight into bfloat16
         # (deepcopy takes the copies from its memo), never a second float32 model first.
         # Parameters only: the rotary tables stay float32.
-        low = {id(p): nn.Parameter(p.detach().to(torch.bfloat16), p.requires_grad) for p in model.parameters()}
-        self.compute = copy.deepcopy(model, low)
+        memo = {id(p): nn.Parameter(p.detach().to(torch.bfloat16), p.requires_grad) for p in model.parameters()}
+        self.compute = copy.deepcopy(model, memo)
         self.masters = list(model.parameters())
         self.copies = list(self.compute.parameters())
         for master, low in zip(self.masters, self.copies, strict=True):

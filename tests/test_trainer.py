@@ -447,7 +447,8 @@ print("during:", len(during), "after:", len(gloo_threads()))
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads thread names from /proc")
 def test_torchrun_leaves_no_process_group_threads_running(tiny_cfg, tmp_path):
     """After training, teardown must really end the process group: DDP's imports once kept it
-    alive, and its gloo threads ran on into interpreter shutdown (a rank aborted there in CI)."""
+    alive, and its gloo threads ran on into interpreter shutdown (the likely cause of a rank that
+    aborted in CI)."""
     cfg = tiny_cfg(max_iters=2, lr_decay_iters=2, eval_interval=2)
     script = tmp_path / "probe.py"
     script.write_text(GLOO_THREADS)
