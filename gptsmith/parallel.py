@@ -141,12 +141,27 @@ def wrap_ddp(model: torch.nn.Module, rt: Runtime, static_graph: bool = True) -> 
     recomputation fires the gradient hooks in another pattern (DDP's reducer then asserts)."""
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    return DDP(
+    ddp = DDP(
         model,
         device_ids=[rt.local_rank] if rt.device_type == "cuda" else None,
         gradient_as_bucket_view=True,
         static_graph=static_graph,
     )
+    rt.before_teardown.append(functools.partial(release_reducer, ddp))
+    return ddp
+
+
+def release_reducer(ddp: torch.nn.Module) -> None:
+    """Free DDP's reducer (and the logger that holds it) while the process group is still registered.
+
+    The reducer is a C++ object holding the group. Were it the group's last holder, the group's
+    destructor would run inside the reducer's, with the GIL held, and wait for gloo's worker
+    threads, while one of them may be waiting for the GIL to drop the Python tensors of a finished
+    collective: a deadlock (seen at the end of a 2-process run). A group whose last holder is its
+    Python object is destroyed with the GIL released, so teardown drops the reducer first."""
+    for name in ("logger", "reducer"):
+        if name in ddp.__dict__:
+            delattr(ddp, name)
 
 
 def compile_blocks(model: GPT, mode: str = "default") -> None:

@@ -62,6 +62,8 @@ class Runtime:
     dtype_reason: str = ""  # why dtype=auto chose dtype, when it took a measurement to choose
     owns_group: bool = False  # setup_runtime made the process group, so teardown ends it
     attention: Any = None  # the sdpa_kernel context setup_runtime entered (see choose_attention); teardown leaves it
+    # What teardown must release before the process group ends (see parallel.wrap_ddp), last first.
+    before_teardown: list[Callable[[], None]] = dataclasses.field(default_factory=list)
 
     @property
     def device_type(self) -> str:
@@ -243,6 +245,8 @@ def init_group(backend: str, device: str, **kwargs: Any) -> None:
 def teardown(rt: Runtime) -> None:
     """Leave the process group setup_runtime joined (one the caller made is left to the caller)
     and restore torch's attention kernel choice."""
+    while rt.before_teardown:
+        rt.before_teardown.pop()()
     if rt.attention is not None:
         rt.attention.__exit__(None, None, None)
         rt.attention = None

@@ -469,6 +469,45 @@ def test_a_killed_worker_is_restarted_and_the_run_ends_as_if_never_killed(char_d
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+TEARDOWN_WITH_WORK_IN_FLIGHT = """
+import sys, time, torch
+from gptsmith import parallel
+from gptsmith.runtime import setup_runtime, teardown
+
+rt = setup_runtime("cpu", "float32", "gloo")
+model = parallel.wrap_ddp(torch.nn.Linear(4, 4), rt)
+if rt.rank == 1:
+    time.sleep(2)  # rank 0 tears down while its all_gather still waits for this one
+outs = [torch.zeros(3) for _ in range(2)]
+work = torch.distributed.all_gather(outs, torch.ones(3), async_op=True)
+del work, outs  # from here only a gloo thread holds the tensors, and must take the GIL to drop them
+teardown(rt)
+del model
+print("rank", rt.rank, "done")
+"""
+
+
+def test_teardown_ends_the_group_while_a_gloo_thread_still_holds_tensors(tmp_path):
+    """A finished collective's Python tensors are dropped by gloo's thread, which needs the GIL.
+    If DDP's reducer were the group's last holder, the group's destructor would wait for that
+    thread with the GIL held: the hang seen at the end of a 2-process run. teardown frees the
+    reducer first (parallel.release_reducer), so the group ends with the GIL released."""
+    script = tmp_path / "probe.py"
+    script.write_text(TEARDOWN_WITH_WORK_IN_FLIGHT)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        out, _ = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        for pid in [*_children(proc.pid), proc.pid]:
+            os.kill(pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        pytest.fail("teardown hung:\n" + out[-3000:])
+    assert proc.returncode == 0, out[-3000:]
+    assert "rank 0 done" in out and "rank 1 done" in out, out[-3000:]
+
+
 # --- torchrun entry point: the `runs` fixture launches this file ---------------------------------
 
 
