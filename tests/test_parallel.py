@@ -8,6 +8,7 @@ the time a launch takes on CPU.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -16,6 +17,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -416,6 +418,17 @@ def _children(pid: int) -> list[int]:
     return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
 
 
+def _kill_tree(pid: int) -> None:
+    """SIGKILL torchrun's workers and then torchrun itself (whichever are still there)."""
+    try:
+        pids = [*_children(pid), pid]
+    except FileNotFoundError:  # already gone
+        return
+    for p in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(p, signal.SIGKILL)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_a_killed_worker_is_restarted_and_the_run_ends_as_if_never_killed(char_data, tmp_path, mode):
@@ -453,13 +466,16 @@ def test_a_killed_worker_is_restarted_and_the_run_ends_as_if_never_killed(char_d
             "--backend=gloo",
         ]
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        watchdog = threading.Timer(300, _kill_tree, [proc.pid])  # a hung worker fails the test, not the suite
+        watchdog.start()
         lines, kills = [], ["iter 25:", "iter 35:"] if kill else []  # past the checkpoints at steps 20 and 30
         for line in proc.stdout:
             lines.append(line)
             if kills and line.startswith(kills[0]):
                 os.kill(_children(proc.pid)[len(kills) % 2], signal.SIGKILL)  # rank 0's process, then rank 1's
                 kills.pop(0)
-        assert proc.wait(timeout=300) == 0, "".join(lines)[-4000:]
+        watchdog.cancel()
+        assert proc.wait(timeout=60) == 0, "".join(lines)[-4000:]
         log = "".join(lines)
         assert log.count("init_from=auto: resuming from") == (2 if name == "killed" else 0), log[-3000:]
         finals[name] = (
@@ -483,7 +499,7 @@ work = torch.distributed.all_gather(outs, torch.ones(3), async_op=True)
 del work, outs  # from here only a gloo thread holds the tensors, and must take the GIL to drop them
 teardown(rt)
 del model
-print("rank", rt.rank, "done")
+print(f"rank {rt.rank} done")  # one write: the two ranks share torchrun's stdout
 """
 
 
@@ -500,8 +516,7 @@ def test_teardown_ends_the_group_while_a_gloo_thread_still_holds_tensors(tmp_pat
     try:
         out, _ = proc.communicate(timeout=60)
     except subprocess.TimeoutExpired:
-        for pid in [*_children(proc.pid), proc.pid]:
-            os.kill(pid, signal.SIGKILL)
+        _kill_tree(proc.pid)
         out, _ = proc.communicate()
         pytest.fail("teardown hung:\n" + out[-3000:])
     assert proc.returncode == 0, out[-3000:]
