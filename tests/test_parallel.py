@@ -469,12 +469,14 @@ def test_a_killed_worker_is_restarted_and_the_run_ends_as_if_never_killed(char_d
         watchdog = threading.Timer(300, _kill_tree, [proc.pid])  # a hung worker fails the test, not the suite
         watchdog.start()
         lines, kills = [], ["iter 25:", "iter 35:"] if kill else []  # past the checkpoints at steps 20 and 30
-        for line in proc.stdout:
-            lines.append(line)
-            if kills and line.startswith(kills[0]):
-                os.kill(_children(proc.pid)[len(kills) % 2], signal.SIGKILL)  # rank 0's process, then rank 1's
-                kills.pop(0)
-        watchdog.cancel()
+        try:
+            for line in proc.stdout:
+                lines.append(line)
+                if kills and line.startswith(kills[0]):
+                    os.kill(_children(proc.pid)[len(kills) % 2], signal.SIGKILL)  # rank 0's process, then rank 1's
+                    kills.pop(0)
+        finally:  # never left armed: it would keep pytest waiting and then signal whatever has that pid
+            watchdog.cancel()
         assert proc.wait(timeout=60) == 0, "".join(lines)[-4000:]
         log = "".join(lines)
         assert log.count("init_from=auto: resuming from") == (2 if name == "killed" else 0), log[-3000:]
@@ -486,7 +488,7 @@ def test_a_killed_worker_is_restarted_and_the_run_ends_as_if_never_killed(char_d
 
 
 TEARDOWN_WITH_WORK_IN_FLIGHT = """
-import sys, time, torch
+import time, torch
 from gptsmith import parallel
 from gptsmith.runtime import setup_runtime, teardown
 
