@@ -233,6 +233,11 @@ class OptimizerKeys(KeyGroup):
     muon_lr: float = opt(0.02, "Muon's peak learning rate; the schedule scales it as it scales learning_rate")
     muon_momentum: float = opt(0.95, "Muon's (Nesterov) momentum")
     muon_ns_steps: int = opt(5, "Muon's Newton-Schulz iterations per update (fewer: cheaper, less orthogonal)")
+    muon_ns_dtype: str = opt(
+        "auto",
+        "Muon's Newton-Schulz precision: auto (bfloat16 on GPUs, and on CPUs with bfloat16 units for "
+        "matrices at least 256 on both sides; else float32), float32 or bfloat16",
+    )
     grad_clip: float = opt(1.0, "clip the gradient norm to this; 0 = no clipping")
     skip_nonfinite: bool = opt(False, "skip steps with a non-finite loss or gradient instead of stopping")
 
@@ -245,6 +250,7 @@ class OptimizerKeys(KeyGroup):
             if not 0.0 <= getattr(self, key) < 1.0:
                 raise UserError(f"{key} must be in [0, 1), got {getattr(self, key)}")
         self.one_of("optimizer", ("adamw", "muon"))
+        self.one_of("muon_ns_dtype", ("auto", "float32", "bfloat16"))
         if not self.muon_lr > 0 or not 0.0 <= self.muon_momentum < 1.0:
             raise UserError(
                 f"muon_lr must be positive and muon_momentum in [0, 1), got {self.muon_lr}, {self.muon_momentum}"

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from gptsmith import checkpoint as ckpt_io
+from gptsmith import optim
 from gptsmith.config import ExportConfig, TrainConfig
 from gptsmith.configurator import UserError
 from gptsmith.hf import export
@@ -271,6 +272,40 @@ def test_muon_step_decreases_the_loss_on_a_toy_problem():
         opt.zero_grad()
         losses.append(loss.item())
     assert losses[-1] < 0.6 * losses[0] and all(b < a for a, b in zip(losses, losses[1:]))
+
+
+@pytest.mark.parametrize("bf16_units", [True, False])
+def test_muon_orthogonalises_in_bfloat16_where_the_cpu_has_bfloat16_units(monkeypatch, bf16_units):
+    # The CPU's flags decide, so both answers are checked on any machine: bfloat16 for matrices
+    # 256 or more on a side where its matmuls are native, float32 for smaller ones (little gain,
+    # and their recipes keep the numerics they were measured with) and where they would be emulated.
+    monkeypatch.setattr(optim, "_cpu_has_bf16", lambda: bf16_units)
+    cpu, big, small = torch.device("cpu"), torch.Size([272, 256]), torch.Size([384, 128])
+    want = torch.bfloat16 if bf16_units else torch.float32
+    assert optim.ns_dtype(cpu, big) == want and optim.ns_dtype(cpu, small) == torch.float32
+    assert optim.ns_dtype(torch.device("cuda"), small) == torch.bfloat16  # GPUs: always, as before
+    assert (
+        optim.ns_dtype(cpu, big, "float32") == torch.float32
+        and optim.ns_dtype(cpu, small, "bfloat16") == torch.bfloat16
+    )
+    torch.manual_seed(0)
+    W = torch.nn.Parameter(torch.randn(big))
+    W.grad = torch.randn(big)
+    before = W.detach().clone()
+    Muon([W], lr=0.1, momentum=0.0, nesterov=False).step()
+    expected = before.add(
+        newton_schulz(W.grad, 5, dtype=want), alpha=-0.1 * (272 / 256) ** 0.5
+    )  # tall: lr x sqrt(rows/cols)
+    assert torch.equal(W.detach(), expected)
+
+
+def test_muon_ns_dtype_key_reaches_the_optimizer_and_is_checked():
+    settings = {"optimizer": "muon", "muon_ns_dtype": "bfloat16"}
+    assert optim.build_optimizer(tiny(), settings, "cpu").optimizers[0].ns_dtype == "bfloat16"
+    assert optim.build_optimizer(tiny(), {"optimizer": "muon"}, "cpu").optimizers[0].ns_dtype == "auto"
+    assert TrainConfig().muon_ns_dtype == "auto"
+    with pytest.raises(UserError, match="muon_ns_dtype"):
+        TrainConfig(muon_ns_dtype="float16")
 
 
 def test_muon_refuses_vectors_and_split_puts_only_block_matrices_in_muon():
