@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 
 from gptsmith.configurator import UserError
-from gptsmith.runtime import BF16_CPU_FLAGS, BF16_MIN_WIDTH, Runtime, cpu_flags
+from gptsmith.runtime import BF16_MIN_WIDTH, Runtime, cpu_has_bf16
 
 # Coefficients of the quintic iteration x -> a x + b x^3 + c x^5 (applied to singular values),
 # chosen to pull every value in (0, 1] quickly towards 1 rather than to converge exactly:
@@ -47,9 +47,8 @@ def newton_schulz(
     return (X if wide else X.mT).to(G.dtype)
 
 
-@functools.cache
-def _cpu_has_bf16() -> bool:
-    return bool(BF16_CPU_FLAGS & cpu_flags())
+# Read once: ns_dtype asks for every matrix at every step, and the answer is /proc/cpuinfo's.
+_cpu_has_bf16 = functools.cache(cpu_has_bf16)
 
 
 def ns_dtype(device: torch.device, shape: torch.Size, setting: str = "auto") -> torch.dtype:

@@ -266,6 +266,11 @@ def cpu_flags() -> set[str]:
     return set((_cpuinfo("flags") or _cpuinfo("Features") or "").split())
 
 
+def cpu_has_bf16() -> bool:
+    """Whether the CPU has bfloat16 units (BF16_CPU_FLAGS), where bfloat16 matmuls are native."""
+    return bool(BF16_CPU_FLAGS & cpu_flags())
+
+
 def cpu_training_dtype(config: Any, batch_size: int, remeasure: bool = False) -> tuple[str, str]:
     """(dtype, why) for training the model of config (a GPTConfig) with dtype=auto on this CPU.
 
@@ -274,7 +279,7 @@ def cpu_training_dtype(config: Any, batch_size: int, remeasure: bool = False) ->
     Xeon, the 384-wide baby GPT trains 2x faster in bfloat16 but the 128-wide speedrun model 5%
     slower. So: float32 without such units or below BF16_MIN_WIDTH, else one block's forward
     and backward timed in both dtypes, once per machine and shape (kept beside the peak FLOP/s)."""
-    if not BF16_CPU_FLAGS & cpu_flags():
+    if not cpu_has_bf16():
         return "float32", "this CPU has no bfloat16 units"
     if config.n_embd < BF16_MIN_WIDTH:
         return "float32", f"n_embd {config.n_embd} < {BF16_MIN_WIDTH}: too small for bfloat16 to pay off"
