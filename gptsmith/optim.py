@@ -56,7 +56,7 @@ def ns_dtype(device: torch.device, shape: torch.Size, setting: str = "auto") -> 
     bfloat16 on GPUs (as Muon's authors run it: the iteration only needs singular values near 1,
     not exact ones) and on CPUs with bfloat16 units (AMX, AVX-512 BF16) for matrices at least
     BF16_MIN_WIDTH on both sides: 3.2x float32's speed for the calculator's 256-wide matrices on
-    a Zen 5 EPYC, only 1.2x for the speedrun's 128-wide ones on an AMX Xeon, so float32 below that
+    a Zen 5 EPYC, only 1.2x for 128-wide ones (the addition recipe's) on an AMX Xeon, so float32 below that
     (and on CPUs without such units, where bfloat16 matmuls are emulated)."""
     if setting != "auto":
         return getattr(torch, setting)

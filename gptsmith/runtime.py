@@ -276,7 +276,7 @@ def cpu_training_dtype(config: Any, batch_size: int, remeasure: bool = False) ->
 
     bfloat16 autocast only pays where the CPU has bfloat16 units (AMX: ~8x float32's matmul
     rate) and the matmuls are big enough to pay for the casts around them; measured on an AMX
-    Xeon, the 384-wide baby GPT trains 2x faster in bfloat16 but the 128-wide speedrun model 5%
+    Xeon, the 384-wide baby GPT trains 2x faster in bfloat16 but a 2-block 128-wide model 5%
     slower. So: float32 without such units or below BF16_MIN_WIDTH, else one block's forward
     and backward timed in both dtypes, once per machine and shape (kept beside the peak FLOP/s)."""
     if not cpu_has_bf16():
