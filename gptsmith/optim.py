@@ -47,10 +47,6 @@ def newton_schulz(
     return (X if wide else X.mT).to(G.dtype)
 
 
-# Read once: ns_dtype asks for every matrix at every step, and the answer is /proc/cpuinfo's.
-_cpu_has_bf16 = functools.cache(cpu_has_bf16)
-
-
 def ns_dtype(device: torch.device, shape: torch.Size, setting: str = "auto") -> torch.dtype:
     """What newton_schulz computes a (rows, cols) update in: setting (muon_ns_dtype), or for 'auto'
     bfloat16 on GPUs (as Muon's authors run it: the iteration only needs singular values near 1,
@@ -62,7 +58,7 @@ def ns_dtype(device: torch.device, shape: torch.Size, setting: str = "auto") -> 
         return getattr(torch, setting)
     if device.type != "cpu":
         return torch.bfloat16
-    return torch.bfloat16 if _cpu_has_bf16() and min(shape[-2:]) >= BF16_MIN_WIDTH else torch.float32
+    return torch.bfloat16 if cpu_has_bf16() and min(shape[-2:]) >= BF16_MIN_WIDTH else torch.float32
 
 
 def orthogonalize(updates: list[torch.Tensor], steps: int, setting: str = "auto") -> list[torch.Tensor]:
@@ -83,12 +79,13 @@ def orthogonalize(updates: list[torch.Tensor], steps: int, setting: str = "auto"
     for shape, index in by_shape.items():  # the same order on every rank: the collectives pair up
         share = -(-len(index) // world)
         mine = [updates[i] for i in index[rank * share : (rank + 1) * share]]  # none for late ranks of a few
+        dtype = ns_dtype(updates[index[0]].device, shape, setting)
         if not mine:
             done = updates[index[0]].new_zeros(0, *shape)
         elif on_gpu:
-            done = newton_schulz(torch.stack(mine), steps, dtype=ns_dtype(mine[0].device, shape, setting))
+            done = newton_schulz(torch.stack(mine), steps, dtype=dtype)
         else:
-            done = torch.stack([newton_schulz(m, steps, dtype=ns_dtype(m.device, shape, setting)) for m in mine])
+            done = torch.stack([newton_schulz(m, steps, dtype=dtype) for m in mine])
         if world > 1:
             done = torch.cat([done, done.new_zeros(share - len(done), *shape)])  # (share, rows, cols) on each rank
             gathered = [torch.empty_like(done) for _ in range(world)]

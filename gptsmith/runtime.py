@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import platform
@@ -261,9 +262,10 @@ BF16_MIN_WIDTH = 256  # below this n_embd the matmuls are too small to pay for a
 BF16_MIN_SPEEDUP = 1.25  # a clear margin, so timing noise does not flip the choice between runs
 
 
-def cpu_flags() -> set[str]:
+@functools.cache  # read once: Muon's ns_dtype asks for every matrix at every step
+def cpu_flags() -> frozenset[str]:
     """The CPU's feature flags (Linux /proc/cpuinfo: x86 'flags', Arm 'Features'); empty elsewhere."""
-    return set((_cpuinfo("flags") or _cpuinfo("Features") or "").split())
+    return frozenset((_cpuinfo("flags") or _cpuinfo("Features") or "").split())
 
 
 def cpu_has_bf16() -> bool:

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from gptsmith import checkpoint as ckpt_io
-from gptsmith import optim
+from gptsmith import optim, runtime
 from gptsmith.config import ExportConfig, TrainConfig
 from gptsmith.configurator import UserError
 from gptsmith.hf import export
@@ -279,7 +279,7 @@ def test_muon_orthogonalises_in_bfloat16_where_the_cpu_has_bfloat16_units(monkey
     # The CPU's flags decide, so both answers are checked on any machine: bfloat16 for matrices
     # 256 or more on a side where its matmuls are native, float32 for smaller ones (little gain,
     # and their recipes keep the numerics they were measured with) and where they would be emulated.
-    monkeypatch.setattr(optim, "_cpu_has_bf16", lambda: bf16_units)
+    monkeypatch.setattr(runtime, "cpu_flags", lambda: {"avx512f", "avx512_bf16"} if bf16_units else {"avx2", "fma"})
     cpu, big, small = torch.device("cpu"), torch.Size([272, 256]), torch.Size([384, 128])
     want = torch.bfloat16 if bf16_units else torch.float32
     assert optim.ns_dtype(cpu, big) == want and optim.ns_dtype(cpu, small) == torch.float32
