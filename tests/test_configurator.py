@@ -340,6 +340,47 @@ def test_cli_errors_passes_success_and_other_exceptions_through(capsys):
     assert capsys.readouterr().err == "error: interrupted\n"
 
 
+def fail_as_user():
+    raise UserError("bad")
+
+
+def fail_as_bug():
+    return 1 / 0
+
+
+@pytest.mark.parametrize("body", [lambda: None, fail_as_user, fail_as_bug], ids=["success", "user-error", "bug"])
+def test_a_command_freezes_what_outlives_it_and_unfreezes_when_it_ends(body, capsys):
+    """Inside a command the objects that existed before it are frozen (left out of full garbage
+    collections); after it, however it ends, nothing is, so an in-process caller's garbage stays
+    collectable."""
+    import gc
+
+    try:
+        with cli_errors():
+            assert gc.get_freeze_count() > 0
+            body()
+    except (SystemExit, ZeroDivisionError):
+        pass
+    assert gc.get_freeze_count() == 0
+
+
+def test_a_command_process_freezes_everything_at_exit(tmp_path):
+    """At exit the process's last garbage collection skips every object (the OS frees the memory):
+    gc.freeze runs among the exit handlers, after the command's own (checked by one registered first)."""
+    script = tmp_path / "command.py"
+    script.write_text(
+        "import atexit, gc\n"
+        "atexit.register(lambda: print('frozen at exit:', gc.get_freeze_count() > 0))\n"
+        "from gptsmith.configurator import cli_errors\n"
+        "with cli_errors():\n"
+        "    pass\n"
+        "print('frozen after the command:', gc.get_freeze_count() > 0)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, check=True).stdout
+    assert out.splitlines() == ["frozen after the command: False", "frozen at exit: True"]
+
+
 def test_load_config_error_through_cli_errors(capsys):
     with pytest.raises(SystemExit) as info, cli_errors():
         load_config(Cfg, ["--cuont=1"])

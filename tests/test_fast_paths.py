@@ -391,9 +391,9 @@ def _muon_rank(rank: int, world: int, init: str, out: str) -> None:
     calls = [0]
     real = optim.newton_schulz
 
-    def counting(*args, **kwargs):
-        calls[0] += 1
-        return real(*args, **kwargs)
+    def counting(G, *args, **kwargs):
+        calls[0] += len(G) if G.dim() == 3 else 1  # matrices orthogonalised (a stack holds several)
+        return real(G, *args, **kwargs)
 
     optim.newton_schulz = counting
     params = _muon_steps()

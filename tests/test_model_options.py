@@ -281,6 +281,18 @@ def test_newton_schulz_gives_singular_values_near_one():
         assert s.min() > 0.5 and s.max() < 1.5, (shape, s.min().item(), s.max().item())
 
 
+def test_newton_schulz_gives_a_matrix_the_same_bits_alone_and_in_a_stack():
+    """Muon orthogonalises the matrices of one shape as a stack (and under DDP each process a share
+    of it): every matrix must come out as it would alone, whatever the stack's size."""
+    g = torch.Generator().manual_seed(0)
+    for shape in [(24, 8), (8, 24)]:
+        stack = torch.randn(3, *shape, generator=g)
+        together = newton_schulz(stack)
+        for i in range(3):
+            assert torch.equal(together[i], newton_schulz(stack[i]))
+            assert torch.equal(together[i], newton_schulz(stack[i : i + 1])[0])
+
+
 def test_muon_step_decreases_the_loss_on_a_toy_problem():
     torch.manual_seed(0)
     W = torch.nn.Parameter(torch.zeros(16, 8))
