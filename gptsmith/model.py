@@ -120,7 +120,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     """Rotate x (B, nh, T, hs) by its positions' angles (rope_tables, sliced to (T, hs)); channel i pairs
     with channel i + hs/2 (GPT-NeoX layout): (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin).
     Written as x * cos + (x2, x1) * sin over whole heads, two multiplies instead of four on half-width
-    strided views: twice as fast on a CPU for a small model, and the same bits (a - b == a + (-b))."""
+    strided views: twice as fast on a CPU for a small model, and the same bits forward (a - b == a + (-b))."""
     x1, x2 = x.chunk(2, dim=-1)  # (B, nh, T, hs/2) each
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # (T, hs), broadcast over batch and heads
     return x * cos + torch.cat((x2, x1), dim=-1) * sin
