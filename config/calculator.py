@@ -23,8 +23,8 @@ block_size = 111  # the generator's block_size: the longest example, a division
 
 # Each trace token reads a few tokens at fixed distances and looks up a digit table (a digit times
 # a digit plus a carry): 4 layers, 256 wide. dtype=auto times a block in both dtypes: bfloat16
-# where the CPU's bfloat16 units make it pay (1.5x a step with Muon's Newton-Schulz in bfloat16 too,
-# on a Zen 5 EPYC), float32 elsewhere.
+# where the CPU's bfloat16 units make it pay (on a Zen 5 EPYC a step takes 254-283 ms against float32's
+# 643-690, with attention in float32 and Muon's Newton-Schulz in bfloat16), float32 elsewhere.
 dtype = "auto"
 n_layer = 4
 n_head = 8
@@ -37,10 +37,12 @@ optimizer = "muon"
 muon_lr = 0.02
 learning_rate = 3e-3
 weight_decay = 0.0
-# 2000 steps: 13-15 minutes in bfloat16 on that EPYC. The previous 1600 (float32) left division at
-# 0.988 on one seed there; the misses sit at the long division's last remainder (docs/benchmarks.md).
-max_iters = 2000
-lr_decay_iters = 2000
+# 3000 steps: 13.5-14.2 minutes in bfloat16 on that EPYC, division 0.998 on three seeds. 2000 left it at
+# 0.984 on one seed there (and the previous 1600, in float32, at 0.988); the misses sit at the long
+# division's last quotient digits (docs/benchmarks.md). In float32 (CPUs without bfloat16 units) 3000
+# steps take about 2.4x as long.
+max_iters = 3000
+lr_decay_iters = 3000
 warmup_iters = 100
 min_lr = 3e-4
 beta2 = 0.99

@@ -2,8 +2,9 @@
 #   python data/shakespeare_char/prepare.py
 #   time python train.py config/shakespeare_char_speedrun.py
 # nanoGPT's CPU recipe (4 layers 128 wide, AdamW, cosine, 2000 steps) does not quite get there (1.897) and
-# takes about 72 s on a 2-vCPU Zen 5 EPYC; this takes about 9 s (docs/benchmarks.md has the figures, the
-# search that led here and an ablation of each choice).
+# takes about 68 s in float32 on a 2-vCPU Zen 5 EPYC; this takes about 5.4 s there, in the bfloat16 that
+# dtype=auto picks on that CPU (7 s in float32; docs/benchmarks.md has the figures, the search that led
+# here and an ablation of each choice).
 # Two blocks are enough for this loss; rotary positions and QK-norm make the most of them, Muon makes each
 # of 450 small steps count, and the learning rate decays linearly over the last 70% (warmup-stable-decay;
 # cosine did about as well).

@@ -233,6 +233,33 @@ def causal_attention_with_dropout(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     return att @ v  # (B, nh, T, hs)
 
 
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None, dropout_p: float = 0.0
+) -> torch.Tensor:
+    """scaled_dot_product_attention of q (B, nh, T, hs) over k and v (B, n_kv, S, hs), causal without
+    a mask; each key/value head serves nh / n_kv query heads (enable_gqa: k and v are not copied
+    nh / n_kv times first).
+    On a CPU in float32 whatever the compute dtype: torch's CPU attention kernels in bfloat16 run
+    1.5-4x slower than in float32 at this project's head sizes (a Zen 5 EPYC, docs/benchmarks.md),
+    which made bfloat16 autocast lose on small models; the casts around it cost little."""
+    gqa = k.size(1) != q.size(1)
+    if q.device.type == "cpu" and (q.dtype != torch.float32 or torch.is_autocast_enabled("cpu")):
+        with torch.autocast("cpu", enabled=False):
+            y = F.scaled_dot_product_attention(
+                q.float(),
+                k.float(),
+                v.float(),
+                attn_mask=mask,
+                is_causal=mask is None,
+                dropout_p=dropout_p,
+                enable_gqa=gqa,
+            )
+        return y.to(q.dtype)
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, is_causal=mask is None, dropout_p=dropout_p, enable_gqa=gqa
+    )
+
+
 class CausalSelfAttention(nn.Module):
     """All heads at once: one fused QKV projection, heads as a batch dimension."""
 
@@ -278,21 +305,12 @@ class CausalSelfAttention(nn.Module):
             # (no autocast to cast them), or float32 q and k after autocast's float32 qk_norm.
             k, v = k.to(q.dtype), v.to(q.dtype)
         # Without a mask (no cache, or prefill) the causal attention among these T positions: the flash
-        # path on GPUs. enable_gqa: each key/value head serves n_head / n_kv_head query heads, without
-        # copying k and v n_head / n_kv_head times (repeat_interleave) first.
+        # path on GPUs.
         p_drop = self.dropout if self.training else 0.0
         if p_drop and mask is None and q.device.type == "cpu":
             y = causal_attention_with_dropout(q, k, v, p_drop)
         else:
-            y = F.scaled_dot_product_attention(
-                q,
-                k,
-                v,
-                attn_mask=mask,
-                is_causal=mask is None,
-                dropout_p=p_drop,
-                enable_gqa=self.n_kv_head != self.n_head,
-            )  # (B, nh, T, hs)
+            y = attention(q, k, v, mask=mask, dropout_p=p_drop)  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble the heads side by side
         return self.resid_dropout(self.c_proj(y))
 

@@ -9,6 +9,7 @@ every direction of the update moves by about the same amount. Embeddings, the LM
 
 from __future__ import annotations
 
+import collections
 import copy
 import functools
 import inspect
@@ -20,12 +21,13 @@ import torch
 import torch.nn as nn
 
 from gptsmith.configurator import UserError
-from gptsmith.runtime import BF16_MIN_WIDTH, Runtime, cpu_has_bf16
+from gptsmith.runtime import Runtime, cpu_has_bf16
 
 # Coefficients of the quintic iteration x -> a x + b x^3 + c x^5 (applied to singular values),
 # chosen to pull every value in (0, 1] quickly towards 1 rather than to converge exactly:
 # after 5 steps singular values lie roughly in [0.7, 1.2], which is all the update needs.
 NS_COEFFS = (3.4445, -4.7750, 2.0315)
+NS_BF16_MIN_WIDTH = 256  # below this (on either side) a matrix's iteration stays float32 on a CPU (ns_dtype)
 
 
 def newton_schulz(
@@ -56,14 +58,14 @@ def ns_dtype(device: torch.device, shape: torch.Size, setting: str = "auto") -> 
     """What newton_schulz computes a (rows, cols) update in: setting (muon_ns_dtype), or for 'auto'
     bfloat16 on GPUs (as Muon's authors run it: the iteration only needs singular values near 1,
     not exact ones) and on CPUs with bfloat16 units (AMX, AVX-512 BF16) for matrices at least
-    BF16_MIN_WIDTH on both sides: 3.2x float32's speed for the calculator's 256-wide matrices on
+    NS_BF16_MIN_WIDTH on both sides: 3.2x float32's speed for the calculator's 256-wide matrices on
     a Zen 5 EPYC, only 1.2x for 128-wide ones (the addition recipe's) on an AMX Xeon, so float32 below that
     (and on CPUs without such units, where bfloat16 matmuls are emulated)."""
     if setting != "auto":
         return getattr(torch, setting)
     if device.type != "cpu":
         return torch.bfloat16
-    return torch.bfloat16 if cpu_has_bf16() and min(shape[-2:]) >= BF16_MIN_WIDTH else torch.float32
+    return torch.bfloat16 if cpu_has_bf16() and min(shape[-2:]) >= NS_BF16_MIN_WIDTH else torch.float32
 
 
 def orthogonalize(updates: list[torch.Tensor], steps: int, setting: str = "auto") -> list[torch.Tensor]:
@@ -99,7 +101,83 @@ def orthogonalize(updates: list[torch.Tensor], steps: int, setting: str = "auto"
     return out
 
 
-class Muon(torch.optim.Optimizer):
+class Optimizer:
+    """The part of torch.optim.Optimizer that Muon and FusedAdamW use: parameter groups filled in
+    from defaults, per-parameter state, zero_grad, and state_dict / load_state_dict in torch's
+    layout (a checkpoint's optimizer state loads into either). Not torch.optim's class itself:
+    building or stepping any torch.optim optimizer imports torch._dynamo, 0.6 s on a 2-vCPU
+    machine, a tenth of the CPU speedrun. (optimizer=muon never shards, and FSDP's checkpoints
+    are what need torch.optim's class.)"""
+
+    def __init__(self, params: Any, defaults: dict[str, Any]) -> None:
+        self.defaults = defaults
+        self.state: collections.defaultdict[torch.Tensor, dict[str, Any]] = collections.defaultdict(dict)
+        groups = list(params)
+        if not groups:
+            raise ValueError("optimizer got an empty parameter list")
+        if not isinstance(groups[0], dict):
+            groups = [{"params": groups}]
+        self.param_groups = [{**defaults, **group, "params": list(group["params"])} for group in groups]
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for group in self.param_groups:
+            for p in group["params"]:
+                if set_to_none:
+                    p.grad = None
+                elif p.grad is not None:
+                    p.grad.zero_()
+
+    def state_dict(self) -> dict[str, Any]:
+        """torch.optim's layout: parameters numbered through the groups in order, state keyed by number."""
+        number: dict[int, int] = {}
+        groups = [
+            {
+                **{k: v for k, v in group.items() if k != "params"},
+                "params": [number.setdefault(id(p), len(number)) for p in group["params"]],
+            }
+            for group in self.param_groups
+        ]
+        return {"state": {number[id(p)]: state for p, state in self.state.items()}, "param_groups": groups}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Take a state_dict() of this optimizer or of torch.optim's (same groups, same sizes): its state
+        moved to each parameter's device (floating tensors in its dtype) and its group settings."""
+        saved = state_dict["param_groups"]
+        if len(saved) != len(self.param_groups) or any(
+            len(s["params"]) != len(g["params"]) for s, g in zip(saved, self.param_groups, strict=True)
+        ):
+            raise ValueError("the saved optimizer state has other parameter groups than this optimizer")
+        params = {n: p for s, g in zip(saved, self.param_groups, strict=True) for n, p in zip(s["params"], g["params"])}
+        state: collections.defaultdict[torch.Tensor, dict[str, Any]] = collections.defaultdict(dict)
+        for n, values in state_dict["state"].items():
+            p = params[n]
+            state[p] = {key: _onto(p, key, value) for key, value in values.items()}
+        self.state = state
+        self.param_groups = [
+            {**copy.deepcopy({k: v for k, v in s.items() if k != "params"}), "params": g["params"]}
+            for s, g in zip(saved, self.param_groups, strict=True)
+        ]
+
+
+def evaluate_closure(closure: Callable[[], float] | None) -> float | None:
+    """The loss a step's closure returns (with gradients on, as torch.optim's steps do), or None."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
+
+
+def _onto(p: torch.Tensor, key: str, value: Any) -> Any:
+    """A saved state value made ready for p, as torch.optim does: a step count float32 (the fused
+    kernels' count lives on the device), other floating tensors in p's dtype, all on p's device."""
+    if not isinstance(value, torch.Tensor):
+        return value
+    if key == "step":
+        return value.to(dtype=torch.float32, device=p.device)
+    return value.to(dtype=p.dtype, device=p.device) if p.is_floating_point() else value.to(device=p.device)
+
+
+class Muon(Optimizer):
     """MomentUm Orthogonalized by Newton-Schulz, for 2-D parameters only.
 
     The step of a (rows, cols) matrix is lr * lr_scale * max(1, rows / cols) ** 0.5 times the
@@ -137,10 +215,7 @@ class Muon(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
         """One update of every parameter that has a gradient (none when found_inf is set)."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = evaluate_closure(closure)
         found_inf, grad_scale = getattr(self, "found_inf", None), getattr(self, "grad_scale", None)
         skip = None if found_inf is None else found_inf > 0
         for group in self.param_groups:
@@ -185,6 +260,68 @@ class Muon(torch.optim.Optimizer):
         p.copy_(torch.where(skip, p, new_p))
 
 
+class FusedAdamW(Optimizer):
+    """AdamW through the fused kernel torch.optim.AdamW(fused=True) runs (torch._fused_adamw_), so
+    the same bits, on CPUs and CUDA GPUs: Muon's companion for the embeddings, head and gains,
+    without the torch._dynamo import that torch.optim costs (see Optimizer)."""
+
+    _step_supports_amp_scaling = True  # GradScaler's found_inf and grad_scale, as in Muon
+
+    def __init__(
+        self,
+        params: Any,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+    ) -> None:
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        """One AdamW update of every parameter that has a gradient (none, step counts included, when found_inf is set)."""
+        loss = evaluate_closure(closure)
+        found_inf, grad_scale = getattr(self, "found_inf", None), getattr(self, "grad_scale", None)
+        for group in self.param_groups:
+            by_kind: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
+            for p in group["params"]:
+                if p.grad is not None:
+                    by_kind.setdefault((p.device, p.dtype), []).append(p)  # one kernel call per device and dtype
+            for (device, _), params in by_kind.items():
+                states = [self._state(p) for p in params]
+                steps = [state["step"] for state in states]
+                flag = None if found_inf is None else found_inf.to(device)
+                torch._foreach_add_(steps, 1)
+                torch._fused_adamw_(
+                    params,
+                    [p.grad for p in params],
+                    [state["exp_avg"] for state in states],
+                    [state["exp_avg_sq"] for state in states],
+                    [],
+                    steps,
+                    amsgrad=False,
+                    lr=group["lr"],
+                    beta1=group["betas"][0],
+                    beta2=group["betas"][1],
+                    weight_decay=group["weight_decay"],
+                    eps=group["eps"],
+                    maximize=False,
+                    grad_scale=None if grad_scale is None else grad_scale.to(device),
+                    found_inf=flag,
+                )
+                if flag is not None:  # a skipped step does not count
+                    torch._foreach_sub_(steps, [flag] * len(steps))
+        return loss
+
+    def _state(self, p: torch.Tensor) -> dict[str, Any]:
+        state = self.state[p]
+        if not state:  # torch.optim's layout for its fused kernel: the count a float32 tensor on the device
+            state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return state
+
+
 class CombinedOptimizer:
     """Several optimizers behind one: step, zero_grad, state_dict and a joint param_groups list.
 
@@ -207,10 +344,7 @@ class CombinedOptimizer:
 
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
         """Step every optimizer (a closure, if given, is evaluated once)."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = evaluate_closure(closure)
         for opt in self.optimizers:
             for flag in ("found_inf", "grad_scale"):  # GradScaler deletes them after a step: None then
                 setattr(opt, flag, getattr(self, flag, None))
@@ -267,16 +401,24 @@ def muon_param_split(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Para
 
 
 def adamw(
-    params: Any, weight_decay: float, learning_rate: float, betas: tuple[float, float], device_type: str
-) -> torch.optim.AdamW:
+    params: Any,
+    weight_decay: float,
+    learning_rate: float,
+    betas: tuple[float, float],
+    device_type: str,
+    own: bool = False,
+) -> torch.optim.AdamW | FusedAdamW:
     """AdamW decaying only matrices (>= 2-D: weights, embeddings), not biases and norm gains;
-    the fused kernel where this torch has one for the device."""
+    the fused kernel where this torch has one for the device. own: gptsmith's FusedAdamW there
+    (the same bits without importing torch._dynamo), where nothing needs torch.optim's class."""
     params = [p for p in params if p.requires_grad]
     groups = [
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
     fused = device_type in ("cuda", "cpu") and "fused" in inspect.signature(torch.optim.AdamW).parameters
+    if own and fused:
+        return FusedAdamW(groups, lr=learning_rate, betas=betas)
     return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused or None)
 
 
@@ -302,7 +444,8 @@ def configure_muon(
         weight_decay=weight_decay,
         ns_dtype=ns_dtype,
     )
-    return CombinedOptimizer(muon, adamw(adamw_params, weight_decay, learning_rate, betas, device_type))
+    # Muon runs never shard (FSDP needs whole matrices), so nothing needs torch.optim's AdamW here.
+    return CombinedOptimizer(muon, adamw(adamw_params, weight_decay, learning_rate, betas, device_type, own=True))
 
 
 def build_optimizer(model: nn.Module, settings: dict[str, Any], device_type: str) -> Any:

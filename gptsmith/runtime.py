@@ -258,8 +258,8 @@ def teardown(rt: Runtime) -> None:
 # --- dtype=auto on a CPU: bfloat16 where the CPU has units for it and it pays off -----------------
 
 BF16_CPU_FLAGS = {"amx_bf16", "avx512_bf16", "bf16"}  # /proc/cpuinfo: Intel AMX, AVX-512 BF16; Arm's BF16
-BF16_MIN_WIDTH = 256  # below this n_embd the matmuls are too small to pay for autocast's casts
-BF16_MIN_SPEEDUP = 1.25  # a clear margin, so timing noise does not flip the choice between runs
+BF16_MIN_WIDTH = 64  # below this n_embd (toy models) float32 without timing anything
+BF16_MIN_SPEEDUP = 1.2  # bfloat16 rounds more: it must clearly pay (the speedrun's block: 1.26-1.64x, six probes)
 
 
 @functools.cache  # read once: Muon's ns_dtype asks for every matrix at every step
@@ -276,25 +276,29 @@ def cpu_has_bf16() -> bool:
 def cpu_training_dtype(config: Any, batch_size: int, remeasure: bool = False) -> tuple[str, str]:
     """(dtype, why) for training the model of config (a GPTConfig) with dtype=auto on this CPU.
 
-    bfloat16 autocast only pays where the CPU has bfloat16 units (AMX: ~8x float32's matmul
-    rate) and the matmuls are big enough to pay for the casts around them; measured on an AMX
-    Xeon, the 384-wide baby GPT trains 2x faster in bfloat16 but a 2-block 128-wide model 5%
-    slower. So: float32 without such units or below BF16_MIN_WIDTH, else one block's forward
-    and backward timed in both dtypes, once per machine and shape (kept beside the peak FLOP/s)."""
+    bfloat16 autocast only pays where the CPU has bfloat16 units (AMX, AVX-512 BF16: 3-8x
+    float32's matmul rate) and the matmuls are big enough to pay for the casts around them: on a
+    Zen 5 EPYC one block of the 64-wide speedrun runs 1.3-1.6x as fast in bfloat16, of the
+    384-wide baby GPT 2.3x (attention staying float32, model.attention). So: float32 without
+    such units or below BF16_MIN_WIDTH, else one block's forward and backward timed in both
+    dtypes, once per machine and shape (kept beside the peak FLOP/s), bfloat16 if it is at least
+    BF16_MIN_SPEEDUP times as fast."""
     if not cpu_has_bf16():
         return "float32", "this CPU has no bfloat16 units"
     if config.n_embd < BF16_MIN_WIDTH:
         return "float32", f"n_embd {config.n_embd} < {BF16_MIN_WIDTH}: too small for bfloat16 to pay off"
     rows = max(1, min(batch_size, 2048 // config.block_size))  # ~2k tokens: big enough, quick to time
     key = (
-        f"cpu dtype: {_cpu()}, torch {torch.__version__}, "
+        # (v2: attention float32 under autocast, which changed what a block's bfloat16 time is)
+        f"cpu dtype v2: {_cpu()}, torch {torch.__version__}, "
         f"block {config.n_embd}/{config.n_head}/{config.kv_heads}/{config.activation}/{config.norm}/"
         f"{config.pos_emb}/{config.qk_norm}, {rows}x{config.block_size} tokens"
     )
 
     def measure() -> tuple[float, float]:
         before, t0 = _cpu_ticks(), time.perf_counter()
-        speedup = _time_block(config, rows, torch.float32) / _time_block(config, rows, torch.bfloat16)
+        fp32, bf16 = _time_block(config, rows)
+        speedup = fp32 / bf16
         return speedup, _others_share(before, time.perf_counter() - t0)
 
     speedup, _, where = _remembered(key, measure, remeasure)  # a busy machine's figure is used, not kept
@@ -314,23 +318,28 @@ def choose_training_dtype(rt: Runtime, requested: str, config: Any, batch_size: 
     rt.dtype, rt.dtype_reason = choice[0]
 
 
-def _time_block(config: Any, rows: int, dtype: torch.dtype, reps: int = 3) -> float:
-    """Median seconds of one transformer block's forward and backward on random input, (rows, T, C)."""
+def _time_block(config: Any, rows: int, reps: int = 5) -> tuple[float, float]:
+    """Median seconds of one transformer block's forward and backward on random input (rows, T, C),
+    (in float32, under bfloat16 autocast): the two in turn, so a machine speeding up or slowing
+    down while it measures weighs on both alike."""
     from gptsmith.model import Block, rope_tables
 
+    times: dict[torch.dtype, list[float]] = {torch.float32: [], torch.bfloat16: []}
     with torch.random.fork_rng(devices=[]):  # building and probing must not move the training RNG
         torch.manual_seed(0)
         block = Block(dataclasses.replace(config, dropout=0.0))
         x = torch.randn(rows, config.block_size, config.n_embd, requires_grad=True)
         rope = rope_tables(config.block_size, config.n_embd // config.n_head) if config.pos_emb == "rope" else None
-        times = []
-        for _ in range(reps + 1):  # the first warms up kernels and caches
-            t0 = time.perf_counter()
-            with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
-                y = block(x, rope=rope)
-            y.float().sum().backward()
-            times.append(time.perf_counter() - t0)
-    return sorted(times[1:])[len(times[1:]) // 2]
+        for rep in range(reps + 1):  # the first round warms up kernels and caches
+            for dtype, kept in times.items():
+                t0 = time.perf_counter()
+                with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+                    y = block(x, rope=rope)
+                y.float().sum().backward()
+                if rep:
+                    kept.append(time.perf_counter() - t0)
+    fp32, bf16 = (sorted(kept)[reps // 2] for kept in times.values())
+    return fp32, bf16
 
 
 @dataclass

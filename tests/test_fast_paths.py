@@ -11,6 +11,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from gptsmith import data as ds
 from gptsmith import model as model_module
@@ -292,10 +293,10 @@ def test_auto_dtype_on_a_cpu_without_bfloat16_units_is_float32_without_measuring
 @pytest.mark.parametrize("speedup,expected", [(2.0, "bfloat16"), (1.1, "float32")])
 def test_auto_dtype_on_a_bfloat16_cpu_measures_once_and_keeps_the_verdict(monkeypatch, speedup, expected):
     monkeypatch.setattr(runtime, "cpu_flags", lambda: {"avx512f", "amx_bf16"})
-    small = GPTConfig(n_embd=128, n_head=4, block_size=64)
+    toy = GPTConfig(n_embd=32, n_head=2, block_size=32)
     monkeypatch.setattr(runtime, "_time_block", _never)
-    assert runtime.cpu_training_dtype(small, batch_size=16)[0] == "float32"  # too small to try
-    monkeypatch.setattr(runtime, "_time_block", lambda config, rows, dtype: speedup if dtype == torch.float32 else 1.0)
+    assert runtime.cpu_training_dtype(toy, batch_size=8)[0] == "float32"  # too small to try
+    monkeypatch.setattr(runtime, "_time_block", lambda config, rows: (speedup, 1.0))
     config = GPTConfig(n_embd=512, n_head=8, block_size=128, n_layer=1)
     dtype, why = runtime.cpu_training_dtype(config, batch_size=4, remeasure=True)
     assert dtype == expected and f"{speedup:.2f}x" in why
@@ -306,14 +307,14 @@ def test_auto_dtype_on_a_bfloat16_cpu_measures_once_and_keeps_the_verdict(monkey
 def test_the_block_probe_times_both_dtypes_without_moving_the_random_streams():
     config = GPTConfig(n_embd=64, n_head=2, block_size=16, n_layer=1, pos_emb="rope", norm="rmsnorm", qk_norm=True)
     state = torch.get_rng_state()
-    assert runtime._time_block(config, 2, torch.float32) > 0
-    assert runtime._time_block(config, 2, torch.bfloat16) > 0
+    fp32, bf16 = runtime._time_block(config, 2)
+    assert fp32 > 0 and bf16 > 0
     assert torch.equal(state, torch.get_rng_state())
 
 
 def test_a_run_with_dtype_auto_trains_in_the_chosen_dtype(tiny_cfg, monkeypatch, capsys):
     monkeypatch.setattr(runtime, "cpu_flags", lambda: {"amx_bf16"})
-    monkeypatch.setattr(runtime, "_time_block", lambda config, rows, dtype: 3.0 if dtype == torch.float32 else 1.0)
+    monkeypatch.setattr(runtime, "_time_block", lambda config, rows: (3.0, 1.0))
     seen = []
     real = torch.autocast.__init__
 
@@ -325,6 +326,37 @@ def test_a_run_with_dtype_auto_trains_in_the_chosen_dtype(tiny_cfg, monkeypatch,
     summary = train(tiny_cfg(n_embd=256, n_head=4, max_iters=2, eval_interval=2))
     assert "dtype=auto chose bfloat16" in capsys.readouterr().out
     assert torch.bfloat16 in seen and math.isfinite(summary["val_loss"])
+
+
+@pytest.mark.parametrize("how", ["autocast", "bfloat16 weights"])
+def test_attention_on_a_cpu_computes_in_float32_whatever_the_compute_dtype(how, monkeypatch):
+    """torch's CPU attention kernels are several times slower in bfloat16 than in float32 at our head
+    sizes, so model.attention hands them float32 (and gives back the caller's dtype): the same values,
+    forward and backward, as float32 attention of the same bfloat16 inputs."""
+    seen = []
+    real = F.scaled_dot_product_attention
+
+    def spy(q, k, v, **kwargs):
+        seen.append((q.dtype, k.dtype, v.dtype, torch.is_autocast_enabled("cpu")))
+        return real(q, k, v, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 8, 16).bfloat16().requires_grad_() for _ in range(3))
+    k2, v2 = k[:, :2].detach().requires_grad_(), v[:, :2].detach().requires_grad_()  # grouped-query: 2 kv heads
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=how == "autocast"):
+        y = model_module.attention(q, k2, v2)
+    assert y.dtype == torch.bfloat16 and seen == [(torch.float32,) * 3 + (False,)]
+    y.float().sum().backward()
+    qf, kf, vf = (t.detach().float().requires_grad_() for t in (q, k2, v2))
+    expected = real(qf, kf, vf, is_causal=True, enable_gqa=True)
+    assert torch.equal(y, expected.bfloat16())
+    expected.sum().backward()
+    for ours, ref in ((q, qf), (k2, kf), (v2, vf)):
+        assert torch.equal(ours.grad, ref.grad.bfloat16())
+    seen.clear()
+    model_module.attention(qf, kf, vf)  # float32 without autocast: straight through
+    assert seen == [(torch.float32,) * 3 + (False,)]
 
 
 def test_qk_norm_under_cpu_autocast_takes_the_fused_kernel_and_matches_rmsnorm():
