@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -242,22 +243,15 @@ def attention(
     On a CPU in float32 whatever the compute dtype: torch's CPU attention kernels in bfloat16 run
     1.5-4x slower than in float32 at this project's head sizes (a Zen 5 EPYC, docs/benchmarks.md),
     which made bfloat16 autocast lose on small models; the casts around it cost little."""
-    gqa = k.size(1) != q.size(1)
-    if q.device.type == "cpu" and (q.dtype != torch.float32 or torch.is_autocast_enabled("cpu")):
-        with torch.autocast("cpu", enabled=False):
-            y = F.scaled_dot_product_attention(
-                q.float(),
-                k.float(),
-                v.float(),
-                attn_mask=mask,
-                is_causal=mask is None,
-                dropout_p=dropout_p,
-                enable_gqa=gqa,
-            )
-        return y.to(q.dtype)
-    return F.scaled_dot_product_attention(
-        q, k, v, attn_mask=mask, is_causal=mask is None, dropout_p=dropout_p, enable_gqa=gqa
-    )
+    dtype = q.dtype
+    upcast = q.device.type == "cpu" and (dtype != torch.float32 or torch.is_autocast_enabled("cpu"))
+    if upcast:
+        q, k, v = q.float(), k.float(), v.float()
+    with torch.autocast("cpu", enabled=False) if upcast else nullcontext():
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None, dropout_p=dropout_p, enable_gqa=k.size(1) != q.size(1)
+        )
+    return y.to(dtype) if upcast else y
 
 
 class CausalSelfAttention(nn.Module):

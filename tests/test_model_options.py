@@ -422,7 +422,7 @@ def test_muons_adamw_steps_and_saves_as_torchs_fused_adamw_does():
     assert all(v.dtype == torch.float32 for s in mine.state.values() for v in s.values())
 
 
-def test_a_muon_run_trains_saves_and_resumes_without_importing_dynamo_or_dtensor(tiny_cfg, tmp_path):
+def test_a_muon_run_trains_saves_and_resumes_without_importing_dynamo_or_dtensor(tiny_cfg):
     """Building or stepping any torch.optim optimizer imports torch._dynamo (0.6 s on a 2-vCPU
     machine, a tenth of the CPU speedrun); a Muon run's optimizers (Muon, optim.FusedAdamW) don't.
     Nor does a single process import torch.distributed.tensor (another 0.6 s) to look for DTensors."""
