@@ -760,9 +760,12 @@ def _head_loss_chunks(
             # Through the soft-cap: d (cap * tanh(z / cap)) / dz = 1 - tanh^2 = 1 - (logits / cap)^2.
             slope = 1 - (logits / softcap).square_() if softcap else None  # (R, V)
             # d loss / d logits = (softmax - one-hot) / n on counted rows, 0 on ignored ones, made in place
-            # in the logits' buffer: one (R, V) float32 buffer per chunk, two with the soft-cap.
+            # in the logits' buffer: one (R, V) float32 buffer per chunk, two with the soft-cap. The one-hot
+            # is a comparison with the column index, not a scatter: compiled, all of this is then one
+            # element-wise kernel from the logits to the gradient in the compute dtype, where a scatter
+            # would have a float32 (R, V) buffer written, patched and read again (the same bits either way).
             grad = logits.sub_(lse.unsqueeze(1)).exp_()  # (R, V) softmax
-            grad.scatter_add_(1, tgt, torch.full_like(tgt, -1, dtype=grad.dtype))
+            grad.sub_((torch.arange(grad.size(1), device=grad.device) == tgt).to(grad.dtype))
             grad.mul_((valid / n).unsqueeze(1))
             if slope is not None:
                 grad.mul_(slope)
