@@ -14,6 +14,7 @@ import json
 import statistics
 import sys
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -41,6 +42,34 @@ def _emit(cfg: BenchConfig, rt: Runtime, model: GPT, figures: dict[str, float | 
 def _sync(rt: Runtime) -> None:
     if rt.device_type == "cuda":
         torch.cuda.synchronize()
+
+
+def _profile(rt: Runtime, work: Callable[[], None], count: int, unit: str) -> dict[str, float]:
+    """Run work (count steps or tokens) under torch.profiler and print where the time went: the
+    operators and kernels by time, and on a GPU the share of the wall time its kernels ran. A share
+    well under 100% says the host (Python, launches) is what a faster step must cut, not the kernels."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = rt.device_type == "cuda"
+    _sync(rt)
+    with profile(activities=[ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]) as prof:
+        t0 = time.perf_counter()
+        work()
+        _sync(rt)
+        wall = time.perf_counter() - t0
+    table = prof.key_averages()
+    if cuda:
+        print(table.table(sort_by="self_device_time_total", row_limit=15))
+    print(table.table(sort_by="self_cpu_time_total", row_limit=15))
+    figures = {"profiled_ms_each": wall / count * 1000}
+    line = f"profile: {count} {unit}, {wall / count * 1000:.3f} ms each under the profiler"
+    if cuda:  # kernels are the profiler's device events; one stream, so their times add up without overlap
+        busy = sum(e.device_time_total for e in prof.events() if e.device_type != DeviceType.CPU) / 1e6
+        figures["device_busy_ms_each"] = busy / count * 1000
+        line += f", the GPU busy {busy / count * 1000:.3f} ms of them ({busy / wall:.0%})"
+    print(line)
+    return figures
 
 
 def bench_train(cfg: BenchConfig, rt: Runtime, model: GPT) -> dict[str, float]:
@@ -81,6 +110,8 @@ def bench_train(cfg: BenchConfig, rt: Runtime, model: GPT) -> dict[str, float]:
     shown = f"{mfu * 100:.1f}%" if mfu is not None else f"n/a (peak {peak.source})"
     print(f"train: {dt * 1000:.2f} ms/iter (median of {len(times)} groups of {group}), {tps:,.0f} tok/s, mfu {shown}")
     result = {"ms_per_iter": dt * 1000, "tokens_per_sec": tps, "mfu": mfu}
+    if cfg.profile:
+        result |= _profile(rt, lambda: [step() for _ in range(cfg.profile)], cfg.profile, "steps")
     _emit(cfg, rt, model, {**result, "achieved_flops": model.flops_per_token() * tps, "peak_flops": peak.flops})
     return result
 
@@ -111,16 +142,20 @@ def bench_sample(cfg: BenchConfig, rt: Runtime, model: GPT) -> dict[str, float]:
         result["kv_cache" if use_cache else "recompute"] = tps
         print(f"sample ({'KV cache' if use_cache else 'recompute'}): {tps:,.1f} tok/s (median of {cfg.repeats})")
     print(f"KV cache speed-up: {result['kv_cache'] / result['recompute']:.1f}x")
-    _emit(
-        cfg,
-        rt,
-        model,
-        {
-            "kv_cache_tokens_per_sec": result["kv_cache"],
-            "recompute_tokens_per_sec": result["recompute"],
-            "speedup": result["kv_cache"] / result["recompute"],
-        },
-    )
+    figures = {
+        "kv_cache_tokens_per_sec": result["kv_cache"],
+        "recompute_tokens_per_sec": result["recompute"],
+        "speedup": result["kv_cache"] / result["recompute"],
+    }
+    if cfg.profile:
+
+        def decode() -> None:
+            g = torch.Generator(device=rt.device).manual_seed(cfg.seed)
+            with torch.inference_mode(), rt.autocast():
+                model.generate(prompt, cfg.profile, top_k=200, generator=g)
+
+        figures |= _profile(rt, decode, cfg.profile, "new tokens (KV cache)")
+    _emit(cfg, rt, model, figures)
     return result
 
 

@@ -434,10 +434,17 @@ class BenchConfig(MasterWeightsKeys, CompileModeKeys, PeakKeys, RuntimeKeys, Mod
     num_samples: int = opt(1, "sequences decoded side by side (sample); tokens/s counts the tokens of all")
     repeats: int = opt(3, "generations per mode; the median is reported (sample)")
     compile: bool = opt(False, "torch.compile the model (train) or the KV-cache decode step (sample)")
+    profile: int = opt(
+        0,
+        "after the timing, run this many more steps (train) or new tokens (sample, with the KV cache) under "
+        "torch.profiler: the operators and kernels that took the most time, and on a GPU how much of the "
+        "wall time it was busy (below 100%: the host is the bottleneck); 0 = off",
+    )
 
     def check(self) -> None:
         self.one_of("what", ("train", "sample", "peak"))
         self.positive("vocab_size", "batch_size", "steps", "max_new_tokens", "num_samples", "repeats")
+        self.not_negative("profile")
 
 
 # --- export_hf.py, consolidate.py, plot.py -------------------------------------------------------

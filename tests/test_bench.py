@@ -116,3 +116,26 @@ def test_bench_train_with_master_weights_steps_float32_masters_through_bfloat16_
     assert all(torch.equal(low, m.to(torch.bfloat16)) for low, m in zip(weights.copies, weights.masters))
     with pytest.raises(UserError, match="master_weights=True needs dtype=bfloat16"):
         BenchConfig(what="train", dtype="float32", master_weights=True)
+
+
+def test_bench_profiles_the_steps_and_tokens_asked_for(capsys, monkeypatch):
+    clipped = []  # one gradient clipping per training step
+    real_clip = torch.nn.utils.clip_grad_norm_
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda *a, **k: clipped.append(1) or real_clip(*a, **k))
+    result = bench(BenchConfig(what="train", batch_size=2, steps=5, warmup=0, profile=3, **TINY))
+    assert len(clipped) == 5 + 3  # the timed group of five, then the three profiled
+    out = capsys.readouterr().out
+    assert "Self CPU" in out and "aten::mm" in out  # the profiler's table of operators
+    assert "profile: 3 steps, " in out and result["profiled_ms_each"] > 0
+    assert json.loads(out.strip().splitlines()[-1])["profiled_ms_each"] == result["profiled_ms_each"]
+
+    generated = []
+    real_generate = GPT.generate
+    monkeypatch.setattr(GPT, "generate", lambda m, idx, n, **kw: generated.append(n) or real_generate(m, idx, n, **kw))
+    bench(BenchConfig(what="sample", max_new_tokens=10, repeats=1, profile=7, **TINY))
+    assert generated[-1] == 7  # after the timed generations, one of the tokens asked for
+    out = capsys.readouterr().out
+    assert "profile: 7 new tokens (KV cache), " in out and "aten::" in out
+    assert json.loads(out.strip().splitlines()[-1])["profiled_ms_each"] > 0
+    with pytest.raises(UserError, match="profile"):
+        BenchConfig(what="train", profile=-1)
