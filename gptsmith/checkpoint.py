@@ -77,8 +77,9 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
     _fsync_dir(path.parent)  # make the rename itself durable
 
 
-def load_checkpoint(path: str | Path, map_location: str = "cpu") -> dict[str, Any]:
-    """Read and check a checkpoint; any problem is a UserError naming the file."""
+def load_checkpoint(path: str | Path, map_location: str = "cpu", mmap: bool = False) -> dict[str, Any]:
+    """Read and check a checkpoint; any problem is a UserError naming the file. mmap: the tensors are
+    mapped from the file, not read, until used (for a process that needs only the model's shapes)."""
     path = Path(path)
     if not path.is_file():
         sharded = path if path.is_dir() else path.with_suffix(SHARDED_SUFFIX)
@@ -91,13 +92,13 @@ def load_checkpoint(path: str | Path, map_location: str = "cpu") -> dict[str, An
                 f"python consolidate.py --out_dir={sharded.parent} --ckpt={sharded.name}"
             )
         raise UserError(f"no checkpoint at {path}")
-    return _read(path, REQUIRED_KEYS, map_location)
+    return _read(path, REQUIRED_KEYS, map_location, mmap)
 
 
-def _read(path: Path, required: tuple[str, ...], map_location: str = "cpu") -> dict[str, Any]:
+def _read(path: Path, required: tuple[str, ...], map_location: str = "cpu", mmap: bool = False) -> dict[str, Any]:
     """torch.load a checkpoint file and check it holds the required keys."""
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        state = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as e:  # truncated zip, garbage bytes, foreign pickle: many exception types
         raise UserError(
             f"checkpoint {path} is unreadable (truncated or not a checkpoint): {type(e).__name__}"

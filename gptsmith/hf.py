@@ -37,8 +37,9 @@ HF_GELU = {"gelu": "none", "gelu_new": "tanh", "gelu_pytorch_tanh": "tanh"}
 # --- in: OpenAI's GPT-2 (or any Hugging Face GPT-2 folder) as a GPT ------------------------------
 
 
-def load_gpt2(name_or_path: str, override_args: dict[str, Any] | None = None) -> GPT:
-    """GPT-2 weights from the hub (one of GPT2_NAMES) or a local Hugging Face model folder; ValueError if unusable."""
+def load_gpt2(name_or_path: str, override_args: dict[str, Any] | None = None, weights: bool = True) -> GPT:
+    """GPT-2 weights from the hub (one of GPT2_NAMES) or a local Hugging Face model folder; ValueError if unusable.
+    weights=False: only the model's shapes, on the meta device, from the config alone."""
     override_args = override_args or {}
     if set(override_args) - {"dropout"}:
         raise ValueError(f"only dropout may be overridden, got {sorted(override_args)}")
@@ -46,6 +47,8 @@ def load_gpt2(name_or_path: str, override_args: dict[str, Any] | None = None) ->
     config.dropout = override_args.get("dropout", 0.0)
     with torch.device("meta"):  # shapes only: drawing random weights to overwrite them costs time and a copy
         model = GPT(config)
+    if not weights:
+        return model
     sd, sd_hf = model.state_dict(), _read_hf_weights(name_or_path, hf_config)
     if sd.keys() != sd_hf.keys():
         unmatched = ", ".join(sorted(sd.keys() ^ sd_hf.keys())[:3])
@@ -65,10 +68,10 @@ def load_gpt2(name_or_path: str, override_args: dict[str, Any] | None = None) ->
     return model
 
 
-def pretrained(name_or_path: str, dropout: float = 0.0) -> GPT:
+def pretrained(name_or_path: str, dropout: float = 0.0, weights: bool = True) -> GPT:
     """load_gpt2, its failures as UserError (for the commands)."""
     try:
-        return load_gpt2(name_or_path, {"dropout": dropout})
+        return load_gpt2(name_or_path, {"dropout": dropout}, weights)
     except (ImportError, ValueError) as e:
         raise UserError(str(e)) from None
 

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from gptsmith import checkpoint as ckpt_io
 from gptsmith import data as ds
 from gptsmith.configurator import UserError
@@ -34,8 +36,10 @@ class Start:
     pretrained: GPT | None = None
 
 
-def resolve(cfg: Any, explicit: set[str], out_dir: Path, master: bool) -> Start:
-    """The Start that cfg.init_from names (reads checkpoints, loads pretrained weights)."""
+def resolve(cfg: Any, explicit: set[str], out_dir: Path, master: bool, weights: bool = True) -> Start:
+    """The Start that cfg.init_from names (reads checkpoints, loads pretrained weights). weights=False:
+    a pretrained model's shapes only, on the meta device (FSDP's other processes, which receive their
+    shards of the weights from the first)."""
     sharded = cfg.sharded
     if cfg.init_from == "auto":
         found = ckpt_io.has_checkpoint(out_dir, sharded)
@@ -48,7 +52,7 @@ def resolve(cfg: Any, explicit: set[str], out_dir: Path, master: bool) -> Start:
     if cfg.init_from == "resume":
         return Start(*_resume_state(cfg, explicit, out_dir))
     if cfg.init_from != "scratch":
-        cfg, model = _pretrained_state(cfg, explicit)
+        cfg, model = _pretrained_state(cfg, explicit, weights)
         return Start(cfg, pretrained=model)
     return Start(cfg)
 
@@ -83,14 +87,20 @@ def check_init_from(init_from: str, modes: tuple[str, ...]) -> None:
         )
 
 
-def load_run_model(path: Path, dropout: float) -> tuple[GPT, dict[str, Any] | None]:
-    """Another run's model from its checkpoint, with this run's dropout, and its vocabulary (meta)."""
-    state = ckpt_io.load_checkpoint(path)
+def load_run_model(path: Path, dropout: float, weights: bool = True) -> tuple[GPT, dict[str, Any] | None]:
+    """Another run's model from its checkpoint, with this run's dropout, and its vocabulary (meta).
+    weights=False: the model's shapes only, on the meta device (the file's tensors are not read)."""
+    state = ckpt_io.load_checkpoint(path, mmap=not weights)
     state["model_args"] = {**state["model_args"], "dropout": dropout}  # dropout is a training choice, not architecture
-    return ckpt_io.model_from_checkpoint(state, path), ckpt_io.checkpoint_vocab(state, path)
+    if weights:
+        model = ckpt_io.model_from_checkpoint(state, path)
+    else:
+        with torch.device("meta"):
+            model = ckpt_io.build_model(state["model_args"], path)
+    return model, ckpt_io.checkpoint_vocab(state, path)
 
 
-def load_pretrained(init_from: str, dropout: float = 0.0) -> GPT:
+def load_pretrained(init_from: str, dropout: float = 0.0, weights: bool = True) -> GPT:
     """GPT-2 weights for sampling, failures as UserError; a gptsmith checkpoint is read from its out_dir instead."""
     source = run_checkpoint(init_from)
     if source is not None:  # train.py loads these itself; elsewhere (sample.py) they are read from out_dir
@@ -98,7 +108,7 @@ def load_pretrained(init_from: str, dropout: float = 0.0) -> GPT:
             f"{init_from} is a gptsmith checkpoint, not GPT-2 weights; load it with --out_dir={source.parent} "
             f"--ckpt={source.name}"
         )
-    return pretrained(init_from, dropout)
+    return pretrained(init_from, dropout, weights)
 
 
 def _resume_state(cfg: Any, explicit: set[str], out_dir: Path) -> tuple[Any, dict[str, Any]]:
@@ -137,11 +147,14 @@ def _other_format_hint(other: Path, cfg: Any) -> str:
     return "train with init_from=scratch first"
 
 
-def _pretrained_state(cfg: Any, explicit: set[str]) -> tuple[Any, GPT]:
+def _pretrained_state(cfg: Any, explicit: set[str], weights: bool = True) -> tuple[Any, GPT]:
     """Load pretrained weights (GPT-2 or another run's checkpoint); their architecture wins over defaults,
     an explicit key that disagrees is an error, except a smaller block_size (the model is cropped to it later)."""
     source = run_checkpoint(cfg.init_from)
-    model = load_pretrained(cfg.init_from, cfg.dropout) if source is None else _run_model(source, cfg)
+    if source is None:
+        model = load_pretrained(cfg.init_from, cfg.dropout, weights)
+    else:
+        model = _run_model(source, cfg, weights)
     arch = dataclasses.asdict(model.config)
     fix = "drop the override (only block_size may be set, and only smaller)"
     changes = _adopt_architecture(cfg, explicit, arch, f"{cfg.init_from}'s", fix, smaller_block_ok=True)
@@ -163,7 +176,7 @@ def _adopt_architecture(
     return changes
 
 
-def _run_model(source: Path, cfg: Any) -> GPT:
+def _run_model(source: Path, cfg: Any, weights: bool = True) -> GPT:
     """Another run's model, for a new run from its weights (fresh optimizer and schedule), if its
     vocabulary is the dataset's and the new run would not overwrite its checkpoints."""
     if source.resolve().parent == Path(cfg.out_dir).resolve():
@@ -171,7 +184,7 @@ def _run_model(source: Path, cfg: Any) -> GPT:
             f"init_from={cfg.init_from} is in this run's own out_dir; continue that run with init_from=resume, "
             "or give the new run another out_dir"
         )
-    model, source_meta = load_run_model(source, cfg.dropout)
+    model, source_meta = load_run_model(source, cfg.dropout, weights)
     ds.check_same_vocab(source_meta, ds.load_meta(ds.dataset_dir(cfg.dataset)), str(source), cfg.dataset)
     return model
 

@@ -132,6 +132,19 @@ def materialize(model: GPT, rt: Runtime, seed: int) -> None:
     model.init_buffers()
 
 
+def load_from_first(model: GPT, weights: dict[str, torch.Tensor], rt: Runtime) -> None:
+    """Give a model built on the meta device, then sharded, the full weights rank 0 holds (weights: its
+    state dict there, {} elsewhere): rank 0 broadcasts them one tensor at a time and each rank keeps its
+    shard, so no other rank ever holds the whole model (torch.distributed.checkpoint's
+    broadcast_from_rank0)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    model.to_empty(device=rt.device)
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    set_model_state_dict(model, weights, options=options)
+    model.init_buffers()  # the rotary tables, not in the state dict
+
+
 def wrap_ddp(model: torch.nn.Module, rt: Runtime, static_graph: bool = True) -> torch.nn.Module:
     """DistributedDataParallel: rank 0's weights are broadcast, gradients averaged in backward.
 

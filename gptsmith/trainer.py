@@ -206,7 +206,8 @@ def build_run(cfg: TrainConfig, explicit: set[str], rt: Runtime) -> tuple[Run, T
     parallel.check_mode(cfg.parallel, rt.dtype)
     if cfg.sharded:
         _recover_sharded(out_dir, rt)
-    start = init_from.resolve(cfg, explicit, out_dir, rt.master)
+    # Under FSDP only the first process reads pretrained weights; the others build the shapes and receive shards.
+    start = init_from.resolve(cfg, explicit, out_dir, rt.master, weights=rt.master or not cfg.sharded)
     model_config = start.pretrained.config if start.pretrained is not None else start.cfg.gpt_config(vocab_size=1)
     choose_training_dtype(rt, start.cfg.dtype, model_config, start.cfg.batch_size)
     cfg = dataclasses.replace(start.cfg, gradient_accumulation_steps=start.cfg.accumulation_steps(rt.world_size))
@@ -348,13 +349,20 @@ def build_model(cfg: TrainConfig, start: init_from.Start, vocab_size: int, rt: R
     Every rank builds the same initial weights (FSDP shards them as they are, DDP would broadcast
     rank 0's), then reseeds by rank for distinct dropout masks. Under FSDP a new model is built on
     the meta device and each rank draws only its shards (parallel.materialize): neither host nor
-    device ever holds the whole model, only its shards plus one module's full weights."""
+    device ever holds the whole model, only its shards plus one module's full weights. Pretrained
+    weights under FSDP are read by rank 0 alone, which sends each rank its shards tensor by tensor
+    (parallel.load_from_first); the other ranks never hold more than one full tensor."""
     torch.manual_seed(cfg.seed)
     on_meta = cfg.sharded and start.pretrained is None
+    first_weights = None  # under FSDP, the pretrained weights rank 0 holds ({} on the other ranks)
     if start.pretrained is not None:
         model = start.pretrained
         if cfg.block_size < model.config.block_size:
             model.crop_block_size(cfg.block_size)
+        if cfg.sharded:  # sharded as the shapes alone, like a new model, then given rank 0's weights
+            first_weights = {} if model.lm_head.weight.is_meta else model.state_dict()
+            with torch.device("meta"):
+                model = GPT(model.config)
     else:
         config = cfg.gpt_config(vocab_size, cfg.dropout)
         if start.state is not None:  # what no config key sets (GPT-2's tanh GELU) comes from the checkpoint
@@ -376,6 +384,8 @@ def build_model(cfg: TrainConfig, start: init_from.Start, vocab_size: int, rt: R
         parallel.shard(model, rt)
         if on_meta:
             parallel.materialize(model, rt, cfg.seed)
+        elif first_weights is not None:
+            parallel.load_from_first(model, first_weights, rt)
         rt.weights_in_dtype = True  # its mixed-precision policy computes in bfloat16
     torch.manual_seed(cfg.seed + rt.rank)
     return model

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from gptsmith import checkpoint as ckpt_io
-from gptsmith import init_from
+from gptsmith import hf, init_from
 from gptsmith.config import ExportConfig, SampleConfig, TrainConfig
 from gptsmith.configurator import UserError
 from gptsmith.hf import export
@@ -109,6 +109,14 @@ def test_from_pretrained_matches_transformers(hf_dir):
     assert all(p.device.type == "cpu" and p.is_contiguous() and p.requires_grad for p in model.parameters())
     idx = torch.randint(0, 50257, (2, 20), generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(our_logits(model, idx), hf_logits(hf_dir, idx), rtol=0, atol=1e-4)
+
+
+def test_the_shapes_alone_come_from_the_config_without_reading_the_weights(hf_dir, monkeypatch):
+    """What FSDP's other processes build: the model on the meta device, its weights left to rank 0."""
+    monkeypatch.setattr(hf, "_read_hf_weights", lambda *a: pytest.fail("the weights were read"))
+    model = hf.load_gpt2(str(hf_dir), weights=False)
+    assert model.lm_head.weight.is_meta and model.lm_head.weight is model.transformer.wte.weight
+    assert (model.config.n_layer, model.config.n_embd, model.config.vocab_size) == (2, 32, 50257)
 
 
 def test_only_dropout_may_be_overridden(hf_dir):

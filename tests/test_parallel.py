@@ -24,7 +24,7 @@ import pytest
 import torch
 
 from gptsmith import checkpoint as ckpt_io
-from gptsmith import parallel, runtime, trainer
+from gptsmith import init_from, parallel, runtime, trainer
 from gptsmith.checkpoint import consolidate, consolidate_main
 from gptsmith.config import ConsolidateConfig, SampleConfig, TrainConfig
 from gptsmith.configurator import UserError
@@ -76,9 +76,12 @@ def runs(char_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One torchrun launch of 2 processes training each run below, and the one-process
     baseline trained here meanwhile; returns the folder holding every run's out_dir."""
     root = tmp_path_factory.mktemp("dist")
+    (root / "ddp").mkdir()
     dist_runs = [
         (small_cfg(char_data, root / "fsdp", parallel="fsdp", activation_checkpointing=True, eval_sample_tokens=8), []),
         (small_cfg(char_data, root / "ddp", parallel="ddp", activation_checkpointing=True), []),
+        # from the ddp run's weights (its out_dir, made now: the config checks that init_from exists)
+        (small_cfg(char_data, root / "from_ddp", parallel="fsdp", init_from=str(root / "ddp")), ["init_from"]),
         (small_cfg(char_data, root / "straight", parallel="fsdp", dropout=0.1), []),
         (small_cfg(char_data, root / "split", parallel="fsdp", dropout=0.1, max_iters=4), []),
         (small_cfg(char_data, root / "split", parallel="fsdp", dropout=0.1, init_from="resume"), ["init_from"]),
@@ -110,6 +113,16 @@ def test_fsdp_and_ddp_match_one_process(runs):
     assert_close_weights(consolidated(runs / "fsdp", runs / "fsdp.pt")["model"], one)
     # eval samples ran on both processes under FSDP (collective forward passes) and printed once.
     assert (runs / "torchrun.log").read_text().count("sample at step") == 3  # the fsdp run's 3 evals
+
+
+@pytest.mark.slow
+def test_fsdp_from_pretrained_weights_matches_one_process(runs, char_data):
+    """Two processes under FSDP from another run's weights, which rank 0 alone reads (rank 1 builds the
+    shapes and receives its shards): the losses of one process starting from the same weights."""
+    one = small_cfg(char_data, runs / "from_ddp_one", init_from=str(runs / "ddp" / "ckpt.pt"))
+    train(one, {"init_from"})
+    assert step_losses(runs / "from_ddp") == pytest.approx(step_losses(runs / "from_ddp_one"), rel=1e-5)
+    assert val_losses(runs / "from_ddp") == pytest.approx(val_losses(runs / "from_ddp_one"), rel=1e-5)
 
 
 @pytest.mark.slow
@@ -311,6 +324,41 @@ def test_fsdp_builds_a_new_model_on_the_meta_device_and_trains_as_one_process(ti
     assert built == ["meta", "cpu"]
     losses = [step_losses(Path(c.out_dir)) for c in (sharded, plain)]
     assert losses[0] == pytest.approx(losses[1], rel=1e-6) and len(losses[0]) == 3
+
+
+def test_fsdp_starts_from_pretrained_weights_the_first_process_sends(tiny_cfg, tmp_path, monkeypatch):
+    """init_from another run's checkpoint under FSDP: the model is sharded as shapes and given the
+    weights rank 0 read (parallel.load_from_first); it trains with the losses of a plain run from them."""
+    source = tiny_cfg(max_iters=2, eval_interval=2, out_dir=str(tmp_path / "source"))
+    train(source)
+    ckpt = str(Path(source.out_dir) / "ckpt.pt")
+    sent = []
+    real = parallel.load_from_first
+    monkeypatch.setattr(parallel, "load_from_first", lambda m, w, rt: sent.append(sorted(w)) or real(m, w, rt))
+    runs = [
+        tiny_cfg(init_from=ckpt, max_iters=3, eval_interval=3, out_dir=str(tmp_path / name), parallel=mode)
+        for name, mode in (("fsdp", "fsdp"), ("plain", "ddp"))
+    ]
+    for cfg in runs:
+        train(cfg, {"init_from"})
+    assert len(sent) == 1 and "lm_head.weight" in sent[0]  # the FSDP run's, with rank 0's full weights
+    losses = [step_losses(Path(c.out_dir)) for c in runs]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6) and len(losses[0]) == 3
+
+
+def test_other_processes_take_a_pretrained_model_as_shapes_without_reading_its_weights(tiny_cfg, tmp_path, monkeypatch):
+    source = tiny_cfg(max_iters=1, eval_interval=1, out_dir=str(tmp_path / "source"))
+    train(source)
+    cfg = tiny_cfg(init_from=str(Path(source.out_dir) / "ckpt.pt"), parallel="fsdp", out_dir=str(tmp_path / "new"))
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("the weights were loaded")
+
+    monkeypatch.setattr(ckpt_io, "model_from_checkpoint", no_weights)
+    start = init_from.resolve(cfg, {"init_from"}, Path(cfg.out_dir), master=False, weights=False)
+    assert start.pretrained.lm_head.weight.is_meta and start.pretrained.config.n_embd == TINY["n_embd"]
+    with pytest.raises(AssertionError, match="the weights were loaded"):
+        init_from.resolve(cfg, {"init_from"}, Path(cfg.out_dir), master=True)
 
 
 def fake_sharded(folder: Path) -> None:
