@@ -71,7 +71,7 @@ def load_gpt2(name_or_path: str, override_args: dict[str, Any] | None = None, we
 def pretrained(name_or_path: str, dropout: float = 0.0, weights: bool = True) -> GPT:
     """load_gpt2, its failures as UserError (for the commands)."""
     try:
-        return load_gpt2(name_or_path, {"dropout": dropout}, weights)
+        return load_gpt2(name_or_path, {"dropout": dropout}, weights=weights)
     except (ImportError, ValueError) as e:
         raise UserError(str(e)) from None
 

@@ -36,10 +36,10 @@ class Start:
     pretrained: GPT | None = None
 
 
-def resolve(cfg: Any, explicit: set[str], out_dir: Path, master: bool, weights: bool = True) -> Start:
-    """The Start that cfg.init_from names (reads checkpoints, loads pretrained weights). weights=False:
-    a pretrained model's shapes only, on the meta device (FSDP's other processes, which receive their
-    shards of the weights from the first)."""
+def resolve(cfg: Any, explicit: set[str], out_dir: Path, master: bool) -> Start:
+    """The Start that cfg.init_from names (reads checkpoints, loads pretrained weights). Under FSDP only
+    the first process (master) reads pretrained weights: the others take the model's shapes, on the
+    meta device, and receive their shards from it (parallel.load_from_first)."""
     sharded = cfg.sharded
     if cfg.init_from == "auto":
         found = ckpt_io.has_checkpoint(out_dir, sharded)
@@ -52,7 +52,7 @@ def resolve(cfg: Any, explicit: set[str], out_dir: Path, master: bool, weights: 
     if cfg.init_from == "resume":
         return Start(*_resume_state(cfg, explicit, out_dir))
     if cfg.init_from != "scratch":
-        cfg, model = _pretrained_state(cfg, explicit, weights)
+        cfg, model = _pretrained_state(cfg, explicit, weights=master or not sharded)
         return Start(cfg, pretrained=model)
     return Start(cfg)
 
@@ -108,7 +108,7 @@ def load_pretrained(init_from: str, dropout: float = 0.0, weights: bool = True) 
             f"{init_from} is a gptsmith checkpoint, not GPT-2 weights; load it with --out_dir={source.parent} "
             f"--ckpt={source.name}"
         )
-    return pretrained(init_from, dropout, weights)
+    return pretrained(init_from, dropout, weights=weights)
 
 
 def _resume_state(cfg: Any, explicit: set[str], out_dir: Path) -> tuple[Any, dict[str, Any]]:
@@ -152,9 +152,9 @@ def _pretrained_state(cfg: Any, explicit: set[str], weights: bool = True) -> tup
     an explicit key that disagrees is an error, except a smaller block_size (the model is cropped to it later)."""
     source = run_checkpoint(cfg.init_from)
     if source is None:
-        model = load_pretrained(cfg.init_from, cfg.dropout, weights)
+        model = load_pretrained(cfg.init_from, cfg.dropout, weights=weights)
     else:
-        model = _run_model(source, cfg, weights)
+        model = _run_model(source, cfg, weights=weights)
     arch = dataclasses.asdict(model.config)
     fix = "drop the override (only block_size may be set, and only smaller)"
     changes = _adopt_architecture(cfg, explicit, arch, f"{cfg.init_from}'s", fix, smaller_block_ok=True)
@@ -184,7 +184,7 @@ def _run_model(source: Path, cfg: Any, weights: bool = True) -> GPT:
             f"init_from={cfg.init_from} is in this run's own out_dir; continue that run with init_from=resume, "
             "or give the new run another out_dir"
         )
-    model, source_meta = load_run_model(source, cfg.dropout, weights)
+    model, source_meta = load_run_model(source, cfg.dropout, weights=weights)
     ds.check_same_vocab(source_meta, ds.load_meta(ds.dataset_dir(cfg.dataset)), str(source), cfg.dataset)
     return model
 

@@ -206,8 +206,7 @@ def build_run(cfg: TrainConfig, explicit: set[str], rt: Runtime) -> tuple[Run, T
     parallel.check_mode(cfg.parallel, rt.dtype)
     if cfg.sharded:
         _recover_sharded(out_dir, rt)
-    # Under FSDP only the first process reads pretrained weights; the others build the shapes and receive shards.
-    start = init_from.resolve(cfg, explicit, out_dir, rt.master, weights=rt.master or not cfg.sharded)
+    start = init_from.resolve(cfg, explicit, out_dir, rt.master)
     model_config = start.pretrained.config if start.pretrained is not None else start.cfg.gpt_config(vocab_size=1)
     choose_training_dtype(rt, start.cfg.dtype, model_config, start.cfg.batch_size)
     cfg = dataclasses.replace(start.cfg, gradient_accumulation_steps=start.cfg.accumulation_steps(rt.world_size))

@@ -355,7 +355,7 @@ def test_other_processes_take_a_pretrained_model_as_shapes_without_reading_its_w
         raise AssertionError("the weights were loaded")
 
     monkeypatch.setattr(ckpt_io, "model_from_checkpoint", no_weights)
-    start = init_from.resolve(cfg, {"init_from"}, Path(cfg.out_dir), master=False, weights=False)
+    start = init_from.resolve(cfg, {"init_from"}, Path(cfg.out_dir), master=False)
     assert start.pretrained.lm_head.weight.is_meta and start.pretrained.config.n_embd == TINY["n_embd"]
     with pytest.raises(AssertionError, match="the weights were loaded"):
         init_from.resolve(cfg, {"init_from"}, Path(cfg.out_dir), master=True)
