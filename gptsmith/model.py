@@ -383,7 +383,9 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_weights:  # the same matrix embeds tokens and scores them
             self.transformer.wte.weight = self.lm_head.weight
-        self.decode_cuda_graphs = False  # whether decode_one_token runs as a CUDA graph (compile_decode)
+        self.decode_graphs: str | None = None  # how decode_next runs as a CUDA graph, if it does (compile_decode)
+        self._kept_cache: tuple[tuple[Any, ...], KVCache] | None = None  # kv_cache's, for the CUDA graph
+        self._kept_graph: tuple[tuple[Any, ...], DecodeGraph] | None = None  # decode_graph's
         if config.pos_emb == "rope":
             # Not persistent: computed from the config, so checkpoints hold the same keys as without rope.
             hs = config.n_embd // config.n_head
@@ -531,7 +533,7 @@ class GPT(nn.Module):
         on = torch.is_autocast_enabled(device_type)
         dtype = torch.get_autocast_dtype(device_type) if on else weight.dtype
         hs = cfg.n_embd // cfg.n_head
-        if not self.decode_cuda_graphs:
+        if not self.decode_graphs:
             return KVCache(cfg.n_layer, batch_size, cfg.kv_heads, cfg.block_size, hs, dtype, weight.device)
         # The CUDA graph writes into the cache in place. Marked static, the cache is used where it lies: not
         # copied into the graph's own memory at every replay, nor the graph skipped for mutating an input.
@@ -560,12 +562,27 @@ class GPT(nn.Module):
         values join the cache.
 
         Its shapes are the same at every position (the position is a tensor, and the attention runs over
-        the whole cache, masked), so it compiles once (compile_decode); and it never waits for the device
-        (no .item(), no branch on a tensor's value), so it can run as one CUDA graph. Sampling stays
-        outside it: a torch.Generator cannot enter a compiled graph. Compiled with CUDA graphs, the
-        logits returned are overwritten by the next call: use them (sample) before that."""
+        the whole cache, masked), and it never waits for the device (no .item(), no branch on a tensor's
+        value)."""
         logits, _ = self(idx, cache=cache, pos=pos)  # (B, 1, vocab)
         return logits[:, -1, :].float()
+
+    def decode_next(
+        self,
+        idx: torch.Tensor,
+        pos: torch.Tensor,
+        cache: KVCache,
+        temperature: float,
+        top_k: int | None,
+        noise: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """decode_one_token and the choice of the next token from its logits (B, 1): what generate runs for
+        every token after a prefill, compiled as one graph by compile_decode (a CUDA graph on GPUs), the
+        sampling's arithmetic included. Only the noise (sampling_noise) is drawn outside, where the
+        caller's torch.Generator can draw it, which a compiled graph cannot; so the tokens are those of
+        sample_next(decode_one_token(...)) for the same generator. Compiled with CUDA graphs, the token
+        returned is overwritten by the next call: copy it before that (generate does)."""
+        return choose_next(self.decode_one_token(idx, pos, cache), temperature, top_k, noise)
 
     def cast_for_inference(self, dtype: torch.dtype) -> None:
         """Keep the weights in dtype (bfloat16, float16) for decoding. Under autocast float32 weights are
@@ -575,16 +592,35 @@ class GPT(nn.Module):
         for p in self.parameters():  # each once, so the tied wte/lm_head weight stays shared
             p.data = p.data.to(dtype)
 
-    def compile_decode(self) -> None:
-        """torch.compile decode_one_token, which generate then calls for every token after a prefill. One
-        graph (fullgraph) compiled once (dynamic=False: its shapes never change). On CUDA
-        mode="reduce-overhead" replays it as a CUDA graph, one launch per token instead of one per kernel,
-        which is most of the time a small model takes per token; elsewhere the default mode."""
+    def compile_decode(self, cuda_graph: str = "own") -> None:
+        """torch.compile decode_next, which generate then calls for every token after a prefill: one graph
+        (fullgraph) compiled once per temperature and top_k (dynamic=False: its shapes never change).
+
+        On CUDA the compiled step then runs as a CUDA graph, one launch per token instead of one per kernel,
+        which is most of the time a small model takes per token. cuda_graph="own" (the default): generate
+        records it itself (DecodeGraph), so a token costs the host one replay and nothing else: no Python,
+        no guards of torch.compile, no wrappers around the compiled code. cuda_graph="reduce-overhead":
+        torch.compile's mode of that name records it and its wrappers run per token (kept to compare)."""
+        if cuda_graph not in ("own", "reduce-overhead"):
+            raise ValueError(f"cuda_graph must be 'own' or 'reduce-overhead', got {cuda_graph!r}")
         cuda = self.lm_head.weight.is_cuda
-        mode = "reduce-overhead" if cuda else "default"
-        self.decode_one_token = torch.compile(self.decode_one_token, mode=mode, fullgraph=True, dynamic=False)
-        self.decode_cuda_graphs = cuda  # kv_cache then keeps one cache, marked static, for the graph
-        self._kept_cache: tuple[tuple[Any, ...], KVCache] | None = None
+        mode = "reduce-overhead" if cuda and cuda_graph == "reduce-overhead" else "default"
+        self.decode_next = torch.compile(self.decode_next, mode=mode, fullgraph=True, dynamic=False)
+        self.decode_graphs = cuda_graph if cuda else None
+        self._kept_cache = self._kept_graph = None
+
+    def decode_graph(self, cache: KVCache, batch_size: int, temperature: float, top_k: int | None) -> DecodeGraph:
+        """The recorded decode step for this cache, batch size and way of choosing, kept for the next call
+        like the cache it writes into; recorded again when any of them (or autocast, inference mode) changes."""
+        dev = cache.k.device.type
+        key = (cache, batch_size, temperature, top_k, torch.is_inference_mode_enabled())
+        key += (torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
+        kept = self._kept_graph
+        if kept is None or kept[0] != key:
+            self._kept_graph = None  # the old graph's memory goes before the new one is recorded
+            step = DecodeGraph(self.decode_next, cache, batch_size, self.config.vocab_size, temperature, top_k)
+            self._kept_graph = kept = (key, step)
+        return kept[1]
 
     @torch.no_grad()
     def generate(
@@ -622,6 +658,9 @@ class GPT(nn.Module):
         out[:, :T0] = idx
         start = max(0, T0 - block)  # the window is out[:, start:t]
         cache = self.kv_cache(B) if use_cache and window == "restart" else None
+        # Recorded before the prefill (recording runs the step once, writing the cache's position 0).
+        own = cache is not None and self.decode_graphs == "own"
+        graph = self.decode_graph(cache, B, temperature, top_k) if own else None
         pos = None  # the position in the window of the decode step's token, a (1,) device tensor; None: prefill
         idx_next = idx[:, -1:]  # the newest token (B, 1), the decode step's input
         for t in range(T0, T0 + max_new_tokens):
@@ -629,30 +668,123 @@ class GPT(nn.Module):
                 start = max(0, t - block)
             elif t - start > block:  # the window is full: restart it from its newest keep tokens
                 start, pos = t - keep, None
-            if cache is None:
-                logits = self(out[:, start:t])[0][:, -1, :].float()  # (B, vocab)
-            elif pos is None:
-                logits = self.prefill(out[:, start:t], cache)
-                # Filled on the device, not copied from the host: the first decode step's position.
-                pos = torch.full((1,), t - start, dtype=torch.long, device=idx.device)
-            else:
-                logits = self.decode_one_token(idx_next, pos, cache)
+            if graph is not None and pos is not None:  # the decode step replayed; it advances pos itself
+                idx_next, pos = graph.replay(idx_next, pos, generator)
+            elif cache is not None and pos is not None:  # the decode step, sampling included
+                noise = sampling_noise(B, self.config.vocab_size, temperature, generator, idx.device)
+                idx_next = self.decode_next(idx_next, pos, cache, temperature, top_k, noise)  # (B, 1)
                 pos += 1  # on the device, never read by the host
-            idx_next = sample_next(logits, temperature, top_k, generator)  # (B, 1)
+            else:  # a forward pass over the whole window: recomputed, or the prefill of a cache
+                if cache is None:
+                    logits = self(out[:, start:t])[0][:, -1, :].float()  # (B, vocab)
+                else:
+                    logits = self.prefill(out[:, start:t], cache)
+                    # Filled on the device, not copied from the host: the first decode step's position.
+                    pos = torch.full((1,), t - start, dtype=torch.long, device=idx.device)
+                idx_next = sample_next(logits, temperature, top_k, generator)  # (B, 1)
             out[:, t : t + 1] = idx_next
             if on_token is not None:
                 on_token()
         return out
 
 
+class DecodeGraph:
+    """One decode step, GPT.decode_next and the choice of the next token, recorded as a CUDA graph over inputs
+    and outputs of its own: the newest token, its position and the sampling noise, at fixed addresses.
+    The recorded step also writes its token back as the next input and advances the position, so from one
+    token to the next the host only draws the noise (from the caller's generator, as sample_next does)
+    and replays the graph. On a CPU nothing is recorded and replay runs the same step over the same
+    buffers (how the tests check it against eager decoding)."""
+
+    def __init__(
+        self,
+        step: Callable[..., torch.Tensor],
+        cache: KVCache,
+        batch_size: int,
+        vocab_size: int,
+        temperature: float,
+        top_k: int | None,
+    ) -> None:
+        device = cache.k.device
+        self.idx = torch.zeros((batch_size, 1), dtype=torch.long, device=device)  # (B, 1) in, then the next token
+        self.pos = torch.zeros((1,), dtype=torch.long, device=device)  # its position, then the next one
+        self.noise = torch.ones((batch_size, vocab_size), device=device) if temperature else None  # (B, vocab)
+
+        def run() -> None:
+            self.idx.copy_(step(self.idx, self.pos, cache, temperature, top_k, self.noise))
+            self.pos.add_(1)
+
+        # Autocast's cache of cast weights would keep tensors made during the recording: off, whenever the
+        # step runs, so the compiled step's guards (which include that setting) see one state.
+        on, dtype = torch.is_autocast_enabled(device.type), torch.get_autocast_dtype(device.type)
+        self.autocast = lambda: torch.autocast(device.type, dtype=dtype, enabled=on, cache_enabled=False)
+        self.run, self.graph = run, None
+        # The first calls compile the step, tune its kernels and set up cuBLAS, none of which a recording
+        # may do (torch.cuda.graph's rules), on a side stream, the one recorded on next (cuBLAS keeps its
+        # workspaces per stream). They write position 0 of the cache, which the prefill that comes first
+        # in every window overwrites.
+        cuda = device.type == "cuda"
+        side = torch.cuda.Stream() if cuda else None
+        if cuda:
+            side.wait_stream(torch.cuda.current_stream())
+        with self.autocast():
+            with torch.cuda.stream(side) if cuda else nullcontext():
+                for _ in range(3):
+                    self.pos.zero_()
+                    run()
+            if cuda:
+                torch.cuda.current_stream().wait_stream(side)
+                self.graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(self.graph, stream=side):
+                    run()
+
+    def replay(
+        self, idx: torch.Tensor, pos: torch.Tensor, generator: torch.Generator | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The token after idx (B, 1) at position pos (1,) -> (next token (B, 1), pos + 1), both this graph's
+        buffers, overwritten by the next replay. Passing them back in, as generate does, copies nothing."""
+        if idx is not self.idx:
+            self.idx.copy_(idx)
+        if pos is not self.pos:
+            self.pos.copy_(pos)
+        if self.noise is not None:  # the draws sampling_noise would make, in place
+            self.noise.exponential_(1, generator=generator)
+        if self.graph is not None:
+            self.graph.replay()
+        else:
+            with self.autocast():
+                self.run()
+        return self.idx, self.pos
+
+
 def sample_next(
     logits: torch.Tensor, temperature: float, top_k: int | None, generator: torch.Generator | None
 ) -> torch.Tensor:
-    """The next token of each row of logits (B, vocab): argmax at temperature 0, else sampled
-    from the softmax of logits / temperature, among the top_k most likely when top_k is set.
-    Nothing here waits for the device (on CUDA a sync per token would stall the queue of kernels)."""
+    """The next token of each row of logits (B, vocab): argmax at temperature 0, else sampled from the
+    softmax of logits / temperature, among the top_k most likely when top_k is set, drawing from generator
+    (None: torch's default one). Nothing here waits for the device (on CUDA a sync per token would stall
+    the queue of kernels)."""
+    B, V = logits.shape
+    return choose_next(logits, temperature, top_k, sampling_noise(B, V, temperature, generator, logits.device))
+
+
+def sampling_noise(
+    batch_size: int, vocab_size: int, temperature: float, generator: torch.Generator | None, device: torch.device
+) -> torch.Tensor | None:
+    """The random numbers one token's sampling uses: (B, vocab) float32 draws from Exp(1) (None at temperature
+    0, which draws nothing)."""
     if temperature == 0:
-        return logits.argmax(dim=-1, keepdim=True)
+        return None
+    return torch.empty(batch_size, vocab_size, dtype=torch.float32, device=device).exponential_(1, generator=generator)
+
+
+def choose_next(
+    logits: torch.Tensor, temperature: float, top_k: int | None, noise: torch.Tensor | None
+) -> torch.Tensor:
+    """sample_next's choice given its noise (sampling_noise): plain arithmetic on tensors, so it can join a
+    compiled graph (GPT.decode_next)."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)  # (B, 1)
     logits = logits / temperature
     if top_k is not None:
         v, _ = torch.topk(logits, min(top_k, logits.size(-1)))  # (B, k), largest first
@@ -662,11 +794,11 @@ def sample_next(
     probs = F.softmax(logits, dim=-1)  # (B, vocab)
     # One draw from each row of probs by the exponential race: with q ~ Exp(1), token i comes first
     # (argmax of probs / q) with probability probs[i]. torch.multinomial(probs, 1) computes exactly
-    # this for one sample, but also checks probs on the host first (a sync on CUDA). It draws q from
-    # the same generator in the same way, so the tokens are bit-identical to torch.multinomial(probs, 1,
-    # generator=generator) for the same generator state (checked on CPU: float32 probs, many rows, seeds).
-    q = torch.empty_like(probs).exponential_(1, generator=generator)  # (B, vocab)
-    return (probs / q).argmax(dim=-1, keepdim=True)  # (B, 1)
+    # this for one sample, but also checks probs on the host first (a sync on CUDA). Its q are drawn
+    # from the generator in the same way (sampling_noise), so the tokens are bit-identical to
+    # torch.multinomial(probs, 1, generator=generator) for the same generator state (checked on CPU:
+    # float32 probs, many rows, seeds).
+    return (probs / noise).argmax(dim=-1, keepdim=True)  # (B, 1)
 
 
 def masked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

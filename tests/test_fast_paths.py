@@ -480,20 +480,34 @@ def test_under_fsdp_the_whole_model_never_goes_to_the_device_before_sharding(tin
 
 
 @pytest.mark.cuda
-def test_on_cuda_the_graph_captured_decode_step_gives_the_eager_tokens_without_syncs(monkeypatch):
-    """compile_decode on CUDA: mode='reduce-overhead', each token one CUDA graph replay; past block_size
-    the window restarts (a prefill) and decoding goes on in the same graph."""
+@pytest.mark.parametrize("cuda_graph", ["own", "reduce-overhead"])
+def test_on_cuda_the_graph_captured_decode_step_gives_the_eager_tokens_without_syncs(monkeypatch, cuda_graph):
+    """compile_decode on CUDA: each token one CUDA graph replay, recorded by generate (DecodeGraph, the
+    default) or by torch.compile's mode='reduce-overhead'; past block_size the window restarts (a prefill)
+    and decoding goes on in the same graph. Greedy and sampled tokens are eager decoding's."""
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)  # bit-comparable to eager
     torch.manual_seed(0)
     model = model_module.GPT(GPTConfig(block_size=32, vocab_size=50, n_layer=2, n_head=2, n_embd=32)).cuda().eval()
     idx = torch.randint(0, 50, (2, 3), device="cuda")
+    runs = [dict(temperature=0.0), dict(temperature=0.8, top_k=5)]
+
+    def generate(run):
+        return model.generate(idx, 80, generator=torch.Generator(device="cuda").manual_seed(5), **run)
+
+    replays = []
+    real_replay = torch.cuda.CUDAGraph.replay
+    monkeypatch.setattr(torch.cuda.CUDAGraph, "replay", lambda g: replays.append(g) or real_replay(g))
     with torch.inference_mode():
-        expected = model.generate(idx, 80, temperature=0.0)
-        model.compile_decode()
-        assert torch.equal(model.generate(idx, 80, temperature=0.0), expected)  # records the graph
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            again = model.generate(idx, 80, temperature=0.0)  # replays it
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-    assert torch.equal(again, expected)
+        expected = [generate(run) for run in runs]
+        model.compile_decode(cuda_graph=cuda_graph)
+        for run, tokens in zip(runs, expected):
+            assert torch.equal(generate(run), tokens)  # records the graph
+            replays.clear()
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                again = generate(run)  # replays it
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+            assert torch.equal(again, tokens)
+            if cuda_graph == "own":  # 80 tokens from a window of 32 restarting with 16: 4 prefills
+                assert len(replays) == 80 - 4

@@ -183,7 +183,7 @@ def test_cached_logits_equal_the_windows_full_forward(monkeypatch, arch):
     restart stay in the cache and must stay masked), match recomputing the window."""
     model = tiny(**arch)
     idx = torch.randint(0, 50, (2, 3), generator=torch.Generator().manual_seed(2))
-    real = model_module.sample_next
+    real = model_module.choose_next  # every token's choice: after a full forward, a prefill or a decode step
     seen = {}
     for use_cache in (True, False):
         logits = seen[use_cache] = []
@@ -192,7 +192,7 @@ def test_cached_logits_equal_the_windows_full_forward(monkeypatch, arch):
             logits.append(lg.clone())
             return real(lg, *args)
 
-        monkeypatch.setattr(model_module, "sample_next", spy)
+        monkeypatch.setattr(model_module, "choose_next", spy)
         model.generate(idx, 40, temperature=0, use_cache=use_cache)
     assert len(seen[True]) == len(seen[False]) == 40
     for step, (cached, full) in enumerate(zip(seen[True], seen[False])):
@@ -282,11 +282,45 @@ def test_exponential_race_draws_what_multinomial_draws():
                 assert torch.equal(ours, torch.multinomial(probs, 1, generator=g_ref))
 
 
+@pytest.mark.parametrize("arch", ARCHS.values(), ids=ARCHS.keys())
+def test_recorded_decode_step_gives_the_eager_tokens(monkeypatch, arch):
+    """generate with the decode step DecodeGraph records on CUDA (compile_decode's default there); on a CPU
+    the same step over the same buffers, run instead of replayed. Its first calls write position 0 of the
+    cache before any prefill; it takes the token and position after each prefill (window restarts
+    included), then feeds itself; it gives eager decoding's tokens, greedy and sampled, and is kept for
+    the next call with the same way of choosing."""
+    idx = torch.randint(0, 50, (2, 3), generator=torch.Generator().manual_seed(1))
+    runs = [dict(temperature=0.0), dict(temperature=0.8, top_k=5), dict(temperature=0.8, top_k=5)]
+    expected = [tiny(**arch).generate(idx, 40, generator=torch.Generator().manual_seed(7), **run) for run in runs]
+    model = tiny(**arch)
+    model.decode_graphs = "own"
+    steps, prefills = [], []
+    decode_next, prefill = model.decode_next, model.prefill
+    monkeypatch.setattr(model, "decode_next", lambda *args: steps.append(args) or decode_next(*args))
+    monkeypatch.setattr(model, "prefill", lambda *args: prefills.append(args) or prefill(*args))
+    graphs = []
+    for run, tokens in zip(runs, expected):
+        steps.clear(), prefills.clear()
+        assert torch.equal(model.generate(idx, 40, generator=torch.Generator().manual_seed(7), **run), tokens)
+        graphs.append(model._kept_graph[1])
+        first_calls = 0 if len(graphs) > 1 and graphs[-1] is graphs[-2] else 3
+        assert len(prefills) == 4  # the prompt, then 3 window restarts (block 16, keeping 8)
+        assert len(steps) == first_calls + 40 - len(prefills)
+        assert all(a[0] is graphs[-1].idx and a[1] is graphs[-1].pos for a in steps)  # always its own buffers
+    assert graphs[0] is not graphs[1] and graphs[1] is graphs[2]  # recorded again only for a new way of choosing
+
+
 @pytest.mark.slow  # torch.compile: about 10 s per model on a 2-core CPU
-@pytest.mark.parametrize("arch", [ARCHS["learned"], ARCHS["rope-mqa"]], ids=["learned", "rope-mqa"])
-def test_compiled_decode_step_gives_the_eager_tokens(arch):
-    """decode_one_token compiles as one graph (fullgraph, dynamic=False), once for every position and
-    window restart (a recompile would raise), and gives eager decoding's tokens."""
+@pytest.mark.parametrize(
+    "arch, own_graph",
+    [(ARCHS["learned"], False), (ARCHS["rope-mqa"], False), (ARCHS["rope-mqa"], True)],
+    ids=["learned", "rope-mqa", "rope-mqa-own-graph"],
+)
+def test_compiled_decode_step_gives_the_eager_tokens(arch, own_graph):
+    """decode_next, the decode step with the sampling's arithmetic, compiles as one graph (fullgraph,
+    dynamic=False) per way of choosing (greedy; temperature and top_k), once for every position and
+    window restart (a recompile would raise), and gives eager decoding's tokens; also run by DecodeGraph
+    as on CUDA (compiled by its first calls, then run over its buffers: no recompile either)."""
     idx = torch.randint(0, 50, (2, 3), generator=torch.Generator().manual_seed(1))
 
     def runs():  # greedy, and sampled with top_k from a fresh generator
@@ -297,10 +331,12 @@ def test_compiled_decode_step_gives_the_eager_tokens(arch):
     torch._dynamo.utils.counters.clear()
     model = tiny(**arch)
     model.compile_decode()
-    with torch._dynamo.config.patch(recompile_limit=1, fail_on_recompile_limit_hit=True):
-        for run, tokens in zip(runs(), expected):
-            assert torch.equal(model.generate(idx, 40, **run), tokens)
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1  # it did run compiled
+    model.decode_graphs = "own" if own_graph else None
+    with torch._dynamo.config.patch(recompile_limit=2, fail_on_recompile_limit_hit=True):
+        for _ in range(2):  # the second round reuses both graphs
+            for run, tokens in zip(runs(), expected):
+                assert torch.equal(model.generate(idx, 40, **run), tokens)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2  # it did run compiled
 
 
 def test_configure_optimizers_decays_only_matrices():
