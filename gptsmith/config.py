@@ -403,7 +403,9 @@ class SampleConfig(RuntimeKeys, CheckpointKeys):
         "past block_size tokens: 'restart' from the newest block_size/2 with the KV cache (fast), or 'slide' by one "
         "token, recomputing the newest block_size each time (nanoGPT's: its exact tokens, slower)",
     )
-    compile: bool = opt(False, "torch.compile the KV-cache decode step (a CUDA graph on GPUs; not window=slide)")
+    compile: bool = opt(
+        False, "torch.compile the KV-cache decode step and its sampling (a CUDA graph on GPUs; not window=slide)"
+    )
 
     def check(self) -> None:
         from gptsmith.init_from import check_init_from

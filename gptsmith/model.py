@@ -598,7 +598,7 @@ class GPT(nn.Module):
 
         On CUDA the compiled step then runs as a CUDA graph, one launch per token instead of one per kernel,
         which is most of the time a small model takes per token. cuda_graph="own" (the default): generate
-        records it itself (DecodeGraph), so a token costs the host one replay and nothing else: no Python,
+        records it itself (DecodeGraph), so a token costs the host a replay, the noise and a copy of the token:
         no guards of torch.compile, no wrappers around the compiled code. cuda_graph="reduce-overhead":
         torch.compile's mode of that name records it and its wrappers run per token (kept to compare)."""
         if cuda_graph not in ("own", "reduce-overhead"):
@@ -693,7 +693,7 @@ class DecodeGraph:
     and outputs of its own: the newest token, its position and the sampling noise, at fixed addresses.
     The recorded step also writes its token back as the next input and advances the position, so from one
     token to the next the host only draws the noise (from the caller's generator, as sample_next does)
-    and replays the graph. On a CPU nothing is recorded and replay runs the same step over the same
+    and replays the graph (and generate copies the token out). On a CPU nothing is recorded and replay runs the same step over the same
     buffers (how the tests check it against eager decoding)."""
 
     def __init__(

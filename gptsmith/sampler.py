@@ -64,8 +64,9 @@ def sample(cfg: SampleConfig) -> list[str]:
         if not ids:
             raise UserError("the prompt is empty; give --start some text")
         if cfg.compile:
-            # The KV-cache decode step, the same shapes at every token: compiled once, a CUDA graph on GPUs.
-            # (The prompt's prefill, once per window, and window=slide's recomputation run uncompiled.)
+            # The KV-cache decode step and its sampling, the same shapes at every token: compiled once, a
+            # CUDA graph on GPUs. (The prompt's prefill, once per window, and window=slide's recomputation
+            # run uncompiled.)
             model.compile_decode()
         torch.manual_seed(cfg.seed)
         prompt = torch.tensor(ids, dtype=torch.long, device=rt.device)[None, ...]  # (1, T)
