@@ -259,6 +259,10 @@ def test_decode_makes_no_host_syncs(monkeypatch):
         monkeypatch.setattr(model, "decode_one_token", decode)
         model.generate(prompt, 30, temperature=0.8, top_k=5, generator=g)  # the loop itself, restarts and all
         assert len(decode_calls) > 20
+        decode_calls.clear()
+        model.decode_graphs = "own"  # and with the step DecodeGraph records on CUDA (run here)
+        model.generate(prompt, 30, temperature=0.8, top_k=5, generator=g)
+        assert len(decode_calls) > 20
     assert calls == [] and ops.seen == []
     with HostReads() as ops:  # and the checks see what they look for
         torch.ones(2).sum().item()
