@@ -609,16 +609,16 @@ class GPT(nn.Module):
         self.decode_graphs = cuda_graph if cuda else None
         self._kept_cache = self._kept_graph = None
 
-    def decode_graph(self, cache: KVCache, batch_size: int, temperature: float, top_k: int | None) -> DecodeGraph:
-        """The recorded decode step for this cache, batch size and way of choosing, kept for the next call
-        like the cache it writes into; recorded again when any of them (or autocast, inference mode) changes."""
+    def decode_graph(self, cache: KVCache, temperature: float, top_k: int | None) -> DecodeGraph:
+        """The recorded decode step for this cache (kept by kv_cache, which keys it by batch size, dtype and
+        inference mode) and way of choosing, kept for the next call like the cache; recorded again when
+        either changes, or autocast does."""
         dev = cache.k.device.type
-        key = (cache, batch_size, temperature, top_k, torch.is_inference_mode_enabled())
-        key += (torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
+        key = (cache, temperature, top_k, torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
         kept = self._kept_graph
         if kept is None or kept[0] != key:
             self._kept_graph = None  # the old graph's memory goes before the new one is recorded
-            step = DecodeGraph(self.decode_next, cache, batch_size, self.config.vocab_size, temperature, top_k)
+            step = DecodeGraph(self.decode_next, cache, self.config.vocab_size, temperature, top_k)
             self._kept_graph = kept = (key, step)
         return kept[1]
 
@@ -660,7 +660,7 @@ class GPT(nn.Module):
         cache = self.kv_cache(B) if use_cache and window == "restart" else None
         # Recorded before the prefill (recording runs the step once, writing the cache's position 0).
         own = cache is not None and self.decode_graphs == "own"
-        graph = self.decode_graph(cache, B, temperature, top_k) if own else None
+        graph = self.decode_graph(cache, temperature, top_k) if own else None
         pos = None  # the position in the window of the decode step's token, a (1,) device tensor; None: prefill
         idx_next = idx[:, -1:]  # the newest token (B, 1), the decode step's input
         for t in range(T0, T0 + max_new_tokens):
@@ -693,19 +693,13 @@ class DecodeGraph:
     and outputs of its own: the newest token, its position and the sampling noise, at fixed addresses.
     The recorded step also writes its token back as the next input and advances the position, so from one
     token to the next the host only draws the noise (from the caller's generator, as sample_next does)
-    and replays the graph (and generate copies the token out). On a CPU nothing is recorded and replay runs the same step over the same
-    buffers (how the tests check it against eager decoding)."""
+    and replays the graph (and generate copies the token out). On a CPU nothing is recorded and replay
+    runs the same step over the same buffers (how the tests check it against eager decoding)."""
 
     def __init__(
-        self,
-        step: Callable[..., torch.Tensor],
-        cache: KVCache,
-        batch_size: int,
-        vocab_size: int,
-        temperature: float,
-        top_k: int | None,
+        self, step: Callable[..., torch.Tensor], cache: KVCache, vocab_size: int, temperature: float, top_k: int | None
     ) -> None:
-        device = cache.k.device
+        device, batch_size = cache.k.device, cache.k.size(1)  # the cache: (n_layer, B, n_kv, max_len, hs)
         self.idx = torch.zeros((batch_size, 1), dtype=torch.long, device=device)  # (B, 1) in, then the next token
         self.pos = torch.zeros((1,), dtype=torch.long, device=device)  # its position, then the next one
         self.noise = torch.ones((batch_size, vocab_size), device=device) if temperature else None  # (B, vocab)
