@@ -304,7 +304,8 @@ def test_recorded_decode_step_gives_the_eager_tokens(monkeypatch, arch):
     monkeypatch.setattr(model, "prefill", lambda *args: prefills.append(args) or prefill(*args))
     graphs = []
     for run, tokens in zip(runs, expected):
-        steps.clear(), prefills.clear()
+        steps.clear()
+        prefills.clear()
         assert torch.equal(model.generate(idx, 40, generator=torch.Generator().manual_seed(7), **run), tokens)
         graphs.append(model._kept_graph[1])
         first_calls = 0 if len(graphs) > 1 and graphs[-1] is graphs[-2] else 3
