@@ -21,6 +21,7 @@ import torch
 from gptsmith import optim
 from gptsmith.config import BenchConfig
 from gptsmith.configurator import cli_errors, load_config
+from gptsmith.metrics import Profiler
 from gptsmith.model import GPT
 from gptsmith.runtime import Runtime, choose_training_dtype, peak_flops, setup_runtime, teardown
 
@@ -45,31 +46,11 @@ def _sync(rt: Runtime) -> None:
 
 
 def _profile(rt: Runtime, work: Callable[[], None], count: int, unit: str) -> dict[str, float]:
-    """Run work (count steps or tokens) under torch.profiler and print where the time went: the
-    operators and kernels by time, and on a GPU the share of the wall time its kernels ran. A share
-    well under 100% says the host (Python, launches) is what a faster step must cut, not the kernels."""
-    from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
-
-    cuda = rt.device_type == "cuda"
-    _sync(rt)
-    with profile(activities=[ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]) as prof:
-        t0 = time.perf_counter()
-        work()
-        _sync(rt)
-        wall = time.perf_counter() - t0
-    table = prof.key_averages()
-    if cuda:
-        print(table.table(sort_by="self_device_time_total", row_limit=15))
-    print(table.table(sort_by="self_cpu_time_total", row_limit=15))
-    figures = {"profiled_ms_each": wall / count * 1000}
-    line = f"profile: {count} {unit}, {wall / count * 1000:.3f} ms each under the profiler"
-    if cuda:  # kernels are the profiler's device events; one stream, so their times add up without overlap
-        busy = sum(e.device_time_total for e in prof.events() if e.device_type != DeviceType.CPU) / 1e6
-        figures["device_busy_ms_each"] = busy / count * 1000
-        line += f", the GPU busy {busy / count * 1000:.3f} ms of them ({busy / wall:.0%})"
-    print(line)
-    return figures
+    """Run work (count steps or tokens) under the profiler; its figures."""
+    profiler = Profiler(rt.device_type)
+    profiler.start()
+    work()
+    return profiler.stop(count, unit)
 
 
 def bench_train(cfg: BenchConfig, rt: Runtime, model: GPT) -> dict[str, float]:

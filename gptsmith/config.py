@@ -144,6 +144,24 @@ class PeakKeys(KeyGroup):
     )
 
 
+# train.py starts profiling this many steps into a run: after compiling and recording CUDA graphs.
+PROFILE_AFTER_STEPS = 10
+
+
+@dataclass
+class ProfileKeys(KeyGroup):
+    profile: int = opt(
+        0,
+        "run this many steps under torch.profiler (train.py: starting 10 steps into the run, after compiling, "
+        "its trace written to out_dir/profile_trace.json; bench.py: after its timing, steps or, sampling, new "
+        "tokens) and print the operators and kernels that took the most time and, on a GPU, the kernels' time per "
+        "step (well below the unprofiled time per step: the host is the bottleneck); 0 = off",
+    )
+
+    def check(self) -> None:
+        self.not_negative("profile")
+
+
 @dataclass
 class CheckpointKeys(KeyGroup):
     """Which checkpoint of a training run to read."""
@@ -297,6 +315,7 @@ class SystemKeys(KeyGroup):
 # Bases in reverse order: a dataclass lists the fields of its last base first.
 @dataclass
 class TrainConfig(
+    ProfileKeys,
     MasterWeightsKeys,
     CompileModeKeys,
     PeakKeys,
@@ -420,7 +439,7 @@ class SampleConfig(RuntimeKeys, CheckpointKeys):
 
 
 @dataclass
-class BenchConfig(MasterWeightsKeys, CompileModeKeys, PeakKeys, RuntimeKeys, ModelKeys):
+class BenchConfig(ProfileKeys, MasterWeightsKeys, CompileModeKeys, PeakKeys, RuntimeKeys, ModelKeys):
     """Benchmark configuration: random weights and tokens of the model the keys describe."""
 
     what: str = opt(
@@ -436,17 +455,10 @@ class BenchConfig(MasterWeightsKeys, CompileModeKeys, PeakKeys, RuntimeKeys, Mod
     num_samples: int = opt(1, "sequences decoded side by side (sample); tokens/s counts the tokens of all")
     repeats: int = opt(3, "generations per mode; the median is reported (sample)")
     compile: bool = opt(False, "torch.compile the model (train) or the KV-cache decode step (sample)")
-    profile: int = opt(
-        0,
-        "after the timing, run this many more steps (train) or new tokens (sample, with the KV cache) under "
-        "torch.profiler: the operators and kernels that took the most time, and on a GPU how much of the "
-        "wall time it was busy (below 100%: the host is the bottleneck); 0 = off",
-    )
 
     def check(self) -> None:
         self.one_of("what", ("train", "sample", "peak"))
         self.positive("vocab_size", "batch_size", "steps", "max_new_tokens", "num_samples", "repeats")
-        self.not_negative("profile")
 
 
 # --- export_hf.py, consolidate.py, plot.py -------------------------------------------------------

@@ -93,6 +93,62 @@ class Speedometer:
         return steps_left * self.average
 
 
+class Profiler:
+    """torch.profiler over a span of steps (the profile=N key of train.py and bench.py): prints the
+    operators and kernels that took the most time and, on a GPU, the kernels' time per step. Well
+    under the time of a step run without the profiler (whose own cost slows the host), it says the
+    host (Python, kernel launches) is what a faster step must cut, not the kernels. Writes the trace
+    (chrome://tracing, ui.perfetto.dev) to trace, when given."""
+
+    def __init__(self, device_type: str, trace: Path | None = None) -> None:
+        self.cuda, self.trace = device_type == "cuda", trace
+        self._prof: Any = None
+        self._t0 = 0.0
+
+    @property
+    def running(self) -> bool:
+        return self._prof is not None
+
+    def _sync(self) -> None:
+        if self.cuda:  # the span holds the steps' own device work, none queued before it
+            import torch
+
+            torch.cuda.synchronize()
+
+    def start(self) -> None:
+        from torch.profiler import ProfilerActivity, profile
+
+        self._sync()
+        self._prof = profile(activities=[ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if self.cuda else [])])
+        self._prof.__enter__()
+        self._t0 = time.perf_counter()
+
+    def stop(self, count: int, unit: str) -> dict[str, float]:
+        """End the span of count steps (or tokens, its unit), report it; return its figures."""
+        from torch.autograd import DeviceType
+
+        self._sync()
+        wall = time.perf_counter() - self._t0
+        prof, self._prof = self._prof, None
+        prof.__exit__(None, None, None)
+        table = prof.key_averages()
+        if self.cuda:
+            print(table.table(sort_by="self_device_time_total", row_limit=15, max_name_column_width=70))
+        print(table.table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=70))
+        each = wall / max(1, count) * 1000
+        figures = {"profiled_ms_each": each}
+        line = f"profile: {count} {unit}, {each:.3f} ms each under the profiler"
+        if self.cuda:  # the device's events are kernels on one stream: their times add up without overlap
+            busy = sum(e.device_time_total for e in prof.events() if e.device_type != DeviceType.CPU) / 1e6
+            figures["device_busy_ms_each"] = busy / max(1, count) * 1000
+            line += f", the GPU busy {figures['device_busy_ms_each']:.3f} ms of them ({busy / wall:.0%})"
+        if self.trace is not None:
+            prof.export_chrome_trace(str(self.trace))
+            line += f"; trace: {self.trace}"
+        print(line)
+        return figures
+
+
 def refresh_plot(out_dir: Path) -> None:
     """Redraw out_dir/loss.png; a plotting problem never stops training."""
     try:

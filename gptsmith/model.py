@@ -673,6 +673,8 @@ class GPT(nn.Module):
             elif cache is not None and pos is not None:  # the decode step, sampling included
                 noise = sampling_noise(B, self.config.vocab_size, temperature, generator, idx.device)
                 idx_next = self.decode_next(idx_next, pos, cache, temperature, top_k, noise)  # (B, 1)
+                if self.decode_graphs == "reduce-overhead":  # the graph's output, overwritten as it runs next
+                    idx_next = idx_next.clone()  # (torch.compile refuses to read it then: seen on an H100)
                 pos += 1  # on the device, never read by the host
             else:  # a forward pass over the whole window: recomputed, or the prefill of a cache
                 if cache is None:

@@ -32,9 +32,9 @@ from tqdm import tqdm
 from gptsmith import checkpoint as ckpt_io
 from gptsmith import data as ds
 from gptsmith import generated, init_from, optim, parallel
-from gptsmith.config import TrainConfig
+from gptsmith.config import PROFILE_AFTER_STEPS, TrainConfig
 from gptsmith.configurator import UserError, cli_errors, read_overrides, show_progress
-from gptsmith.metrics import MetricsLog, Speedometer, duration, print_banner, print_summary, refresh_plot
+from gptsmith.metrics import MetricsLog, Profiler, Speedometer, duration, print_banner, print_summary, refresh_plot
 from gptsmith.model import GPT
 from gptsmith.optim import get_lr
 from gptsmith.runtime import Peak, Runtime, choose_training_dtype, peak_flops, setup_runtime, teardown
@@ -186,6 +186,12 @@ class Run:
 
     def should_log(self, state: TrainState) -> bool:
         return self.rt.master and state.iter_num % self.cfg.log_interval == 0
+
+    def profile_steps(self, first_iter: int) -> range:
+        """The steps profile=N runs under the profiler (on rank 0): N from PROFILE_AFTER_STEPS steps after
+        the run's first, when compiling and recording CUDA graphs are over. Empty when off."""
+        start = first_iter + PROFILE_AFTER_STEPS
+        return range(start, start + (self.cfg.profile if self.rt.master else 0))
 
 
 class Interrupted(Exception):
@@ -438,6 +444,8 @@ def fit(run: Run, state: TrainState) -> dict[str, Any]:
     cfg = run.cfg
     clock, first_iter, t_start = Speedometer(state.iter_num), state.iter_num, time.time()
     eval_time, losses, last = 0.0, {}, {}
+    profiled = run.profile_steps(first_iter)
+    profiler = Profiler(run.rt.device_type, trace=run.out_dir / "profile_trace.json")
     with SignalCatcher(run.caught):
         try:
             while True:
@@ -450,14 +458,23 @@ def fit(run: Run, state: TrainState) -> dict[str, Any]:
                     clock.mark(state.iter_num)  # evaluation time is not training time
                 if state.iter_num >= cfg.max_iters or cfg.eval_only:
                     break
+                if state.iter_num == profiled.start and profiled:
+                    profiler.start()
                 stop_asked = check_step(run, train_step(run, state))  # the previous step's report
                 if run.should_log(state):
                     report = run.health.flush()  # this step's figures: the only wait for the device
                     stop_asked |= check_step(run, report)
                     last = log_step(run, state, report.loss, lr, clock)
+                if profiler.running and state.iter_num == profiled.stop:
+                    profiler.stop(len(profiled), "steps")
+                    clock.mark(state.iter_num)  # nor is writing the profile's report
                 if stop_asked or (bool(run.caught) and not run.rt.distributed):
                     stop(run, state)
             check_step(run, run.health.flush())
+            if profiler.running:  # the run ended inside the span
+                profiler.stop(state.iter_num - profiled.start, "steps")
+            elif profiled and state.iter_num <= profiled.start:
+                print(f"profile: nothing profiled, the run ended before step {profiled.start}")
         finally:
             run.log.close()
     return summarize(

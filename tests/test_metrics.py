@@ -32,6 +32,44 @@ def test_run_summary_names_everything_needed_next(tiny_cfg, capsys):
     assert summary["tokens_per_sec"] > 0 and 0 < summary["mfu"] < 1 and summary["eval_s"] > 0
 
 
+def test_profile_runs_its_steps_under_the_profiler_and_writes_the_trace(tiny_cfg, capsys, monkeypatch):
+    import torch
+
+    from gptsmith import trainer
+
+    profiled = {}  # each step's number -> whether the profiler was on while it ran
+    real_step = trainer.train_step
+
+    def spy(run, state):
+        profiled[state.iter_num] = torch._C._autograd._profiler_enabled()
+        return real_step(run, state)
+
+    monkeypatch.setattr(trainer, "train_step", spy)
+    cfg = tiny_cfg(max_iters=16, profile=3)
+    train(cfg)
+    out = capsys.readouterr().out
+    assert [i for i, on in profiled.items() if on] == [10, 11, 12]  # 10 steps in (compiling), then 3
+    assert "profile: 3 steps, " in out and "Self CPU" in out and "aten::mm" in out
+    trace = Path(cfg.out_dir) / "profile_trace.json"
+    assert f"trace: {trace}" in out and json.loads(trace.read_text())["traceEvents"]
+    speeds = [r["tokens_per_sec"] for r in read_metrics(Path(cfg.out_dir))[1]]  # a log line per step
+    assert len(speeds) == 16 and max(speeds) < 5 * sorted(speeds)[8]  # none timed over no steps
+
+    profiled.clear()
+    train(tiny_cfg(max_iters=11, profile=5, out_dir=cfg.out_dir + "-short"))  # the run ends inside the span
+    assert [i for i, on in profiled.items() if on] == [10]
+    assert "profile: 1 steps, " in capsys.readouterr().out
+    train(tiny_cfg(max_iters=8, profile=5, out_dir=cfg.out_dir + "-shorter"))
+    assert "profile: nothing profiled, the run ended before step 10" in capsys.readouterr().out
+
+    profiled.clear()
+    train(tiny_cfg(out_dir=cfg.out_dir + "-default"))  # off by default
+    assert len(profiled) == 20 and not any(profiled.values())
+    assert not (Path(cfg.out_dir + "-default") / "profile_trace.json").exists()
+    with pytest.raises(UserError, match="profile must not be negative"):
+        tiny_cfg(profile=-1)
+
+
 def test_loss_png_is_refreshed_at_each_eval(tiny_cfg):
     cfg = tiny_cfg(max_iters=4, eval_interval=2, plot=True)
     train(cfg)
