@@ -152,7 +152,8 @@ PROFILE_AFTER_STEPS = 10
 class ProfileKeys(KeyGroup):
     profile: int = opt(
         0,
-        "run this many steps under torch.profiler (train.py: starting 10 steps into the run, after compiling, "
+        f"run this many steps under torch.profiler (train.py: starting {PROFILE_AFTER_STEPS} steps into the run, after "
+        "compiling, "
         "its trace written to out_dir/profile_trace.json; bench.py: after its timing, steps or, sampling, new "
         "tokens) and print the operators and kernels that took the most time and, on a GPU, the kernels' time per "
         "step (well below the unprofiled time per step: the host is the bottleneck); 0 = off",
