@@ -40,14 +40,9 @@ def _emit(cfg: BenchConfig, rt: Runtime, model: GPT, figures: dict[str, float | 
     print(json.dumps(record))
 
 
-def _sync(rt: Runtime) -> None:
-    if rt.device_type == "cuda":
-        torch.cuda.synchronize()
-
-
 def _profile(rt: Runtime, work: Callable[[], None], count: int, unit: str) -> dict[str, float]:
     """Run work (count steps or tokens) under the profiler; its figures."""
-    profiler = Profiler(rt.device_type)
+    profiler = Profiler(rt)
     profiler.start()
     work()
     return profiler.stop(count, unit)
@@ -78,11 +73,11 @@ def bench_train(cfg: BenchConfig, rt: Runtime, model: GPT) -> dict[str, float]:
         step()
     group, times = 5, []
     for _ in range(max(1, cfg.steps // group)):
-        _sync(rt)
+        rt.synchronize()
         t0 = time.perf_counter()
         for _ in range(group):
             step()
-        _sync(rt)
+        rt.synchronize()
         times.append((time.perf_counter() - t0) / group)
     dt = statistics.median(times)
     tps = cfg.batch_size * cfg.block_size / dt
@@ -113,11 +108,11 @@ def bench_sample(cfg: BenchConfig, rt: Runtime, model: GPT) -> dict[str, float]:
         times = []
         for r in range(cfg.repeats):
             g = torch.Generator(device=rt.device).manual_seed(cfg.seed + r)
-            _sync(rt)
+            rt.synchronize()
             t0 = time.perf_counter()
             with torch.inference_mode(), rt.autocast():
                 model.generate(prompt, cfg.max_new_tokens, top_k=200, generator=g, use_cache=use_cache)
-            _sync(rt)
+            rt.synchronize()
             times.append(time.perf_counter() - t0)
         tps = cfg.num_samples * cfg.max_new_tokens / statistics.median(times)
         result["kv_cache" if use_cache else "recompute"] = tps

@@ -17,9 +17,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity, profile
+
 from gptsmith.config import PlotConfig
 from gptsmith.configurator import UserError, cli_errors, load_config
 from gptsmith.generated import GeneratedSplit
+from gptsmith.runtime import Runtime
 
 # --- while training ------------------------------------------------------------------------------
 
@@ -100,8 +104,8 @@ class Profiler:
     host (Python, kernel launches) is what a faster step must cut, not the kernels. Writes the trace
     (chrome://tracing, ui.perfetto.dev) to trace, when given."""
 
-    def __init__(self, device_type: str, trace: Path | None = None) -> None:
-        self.cuda, self.trace = device_type == "cuda", trace
+    def __init__(self, rt: Runtime, trace: Path | None = None) -> None:
+        self.rt, self.cuda, self.trace = rt, rt.device_type == "cuda", trace
         self._prof: Any = None
         self._t0 = 0.0
 
@@ -109,25 +113,15 @@ class Profiler:
     def running(self) -> bool:
         return self._prof is not None
 
-    def _sync(self) -> None:
-        if self.cuda:  # the span holds the steps' own device work, none queued before it
-            import torch
-
-            torch.cuda.synchronize()
-
     def start(self) -> None:
-        from torch.profiler import ProfilerActivity, profile
-
-        self._sync()
+        self.rt.synchronize()  # the span holds the steps' own device work, none queued before it
         self._prof = profile(activities=[ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if self.cuda else [])])
         self._prof.__enter__()
         self._t0 = time.perf_counter()
 
     def stop(self, count: int, unit: str) -> dict[str, float]:
         """End the span of count steps (or tokens, its unit), report it; return its figures."""
-        from torch.autograd import DeviceType
-
-        self._sync()
+        self.rt.synchronize()
         wall = time.perf_counter() - self._t0
         prof, self._prof = self._prof, None
         prof.__exit__(None, None, None)

@@ -83,6 +83,11 @@ class Runtime:
         """Rank 0 alone writes checkpoints, logs and metrics."""
         return self.rank == 0
 
+    def synchronize(self) -> None:
+        """Wait for the device's queued work (timing it); CPU work is done when its call returns."""
+        if self.device_type == "cuda":
+            torch.cuda.synchronize()
+
     def autocast(self) -> Any:
         """Mixed precision for the forward pass; a no-op in float32 or when the weights are in dtype already."""
         if self.dtype == "float32" or self.weights_in_dtype:

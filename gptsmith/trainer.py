@@ -445,7 +445,7 @@ def fit(run: Run, state: TrainState) -> dict[str, Any]:
     clock, first_iter, t_start = Speedometer(state.iter_num), state.iter_num, time.time()
     eval_time, losses, last = 0.0, {}, {}
     profiled = run.profile_steps(first_iter)
-    profiler = Profiler(run.rt.device_type, trace=run.out_dir / "profile_trace.json")
+    profiler = Profiler(run.rt, trace=run.out_dir / "profile_trace.json")
     with SignalCatcher(run.caught):
         try:
             while True:
